@@ -1,0 +1,129 @@
+"""LSTM training step (forward + backward), ours against plain PyTorch, in one process run.
+
+    python bench/bench_lstm.py            # both shapes, writes the LSTM section of RESULTS.md
+    python bench/bench_lstm.py --quick    # fewer repeats, no torch.compile, no RESULTS.md
+
+Implementations: pyengine.nn.LSTM; torch.nn.LSTM (oneDNN on CPU, cuDNN on CUDA); a Python loop
+over torch.nn.LSTMCell (the eager formula); torch.compile of that loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+import pyengine
+from pyengine.benchmarking import (
+    machine_info,
+    markdown_table,
+    matmul_peak_gflops,
+    measure,
+    write_results_section,
+)
+
+SHAPES = {  # name: (hidden, batch, seq); input 256, 2 layers, float32
+    "small": (128, 8, 32),
+    "large": (512, 32, 64),
+}
+INPUT, LAYERS = 256, 2
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+class CellLoop(torch.nn.Module):
+    """The eager formula: a Python loop over time steps and layers of torch.nn.LSTMCell."""
+
+    def __init__(self, lstm: torch.nn.LSTM):
+        super().__init__()
+        self.cells = torch.nn.ModuleList()
+        for layer in range(lstm.num_layers):
+            cell = torch.nn.LSTMCell(lstm.input_size if layer == 0 else lstm.hidden_size,
+                                     lstm.hidden_size)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).data.copy_(getattr(lstm, f"{name}_l{layer}").data)
+            self.cells.append(cell)
+
+    def forward(self, x):
+        for cell in self.cells:
+            h = c = x.new_zeros(x.shape[1], cell.hidden_size)
+            outputs = []
+            for t in range(x.shape[0]):
+                h, c = cell(x[t], (h, c))
+                outputs.append(h)
+            x = torch.stack(outputs)
+        return x
+
+
+def train_flops(hidden: int, batch: int, seq: int) -> float:
+    total = 0.0
+    for layer in range(LAYERS):
+        layer_in = INPUT if layer == 0 else hidden
+        total += 2 * seq * batch * 4 * hidden * (layer_in + hidden)
+    return 3 * total  # forward + backward (input and weight gradients)
+
+
+def run(quick: bool, device: str) -> tuple[list[dict], dict]:
+    peak = matmul_peak_gflops(device=device)
+    rows = []
+    for shape_name, (hidden, batch, seq) in SHAPES.items():
+        torch.manual_seed(0)
+        ref = torch.nn.LSTM(INPUT, hidden, LAYERS).to(device)
+        ours = pyengine.nn.LSTM(INPUT, hidden, LAYERS).to(device)
+        ours.load_state_dict(ref.state_dict())
+        loop = CellLoop(ref).to(device)
+        x = torch.randn(seq, batch, INPUT, device=device, requires_grad=True)
+        grad = torch.randn(seq, batch, hidden, device=device)
+
+        def step(module, unpack=True, x=x, grad=grad):
+            def fn():
+                out = module(x)
+                out = out[0] if unpack else out
+                out.backward(grad)
+            return fn
+
+        cases = {
+            "pyengine": step(ours),
+            "torch.nn.LSTM": step(ref),
+            "LSTMCell loop": step(loop, unpack=False),
+        }
+        if not quick:
+            cases["compile(LSTMCell loop)"] = step(torch.compile(loop), unpack=False)
+        repeats = 5 if quick else (40 if shape_name == "small" else 12)
+        times = measure(cases, repeats=repeats, warmup=2 if quick else 4, device=device)
+        flops = train_flops(hidden, batch, seq)
+        base = times["torch.nn.LSTM"].median
+        for name, t in times.items():
+            gflops = flops / t.median / 1e9
+            rows.append({
+                "shape": f"{shape_name} (H={hidden}, N={batch}, T={seq})",
+                "implementation": name,
+                "median ms": f"{t.median * 1e3:.2f}",
+                "speedup vs torch.nn.LSTM": f"{base / t.median:.2f}x",
+                "GFLOP/s": f"{gflops:.0f}",
+                "% of matmul peak": f"{100 * gflops / peak:.0f}%",
+            })
+    return rows, {"matmul peak GFLOP/s": f"{peak:.0f}"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    rows, extra = run(args.quick, args.device)
+    columns = ["shape", "implementation", "median ms", "speedup vs torch.nn.LSTM", "GFLOP/s",
+               "% of matmul peak"]
+    info = machine_info(args.device) | extra
+    table = markdown_table(rows, columns)
+    header = "## LSTM training step (2 layers, input 256, float32, forward + backward)\n\n"
+    header += ", ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n"
+    print(header + table)
+    if not args.quick:
+        write_results_section(RESULTS, f"lstm-{args.device}", header + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,607 @@
+// Fused LSTM layer on the CPU: one direction of one layer over a whole sequence.
+//
+// Forward: the input projection of all T steps is one GEMM into `gates`; each step then adds the
+// recurrent GEMM into its slice of `gates` and runs one fused pointwise pass that activates the
+// gates in place and writes the new cell and hidden state. `gates` (activated) and `cells` are all
+// that backward needs; tanh(c) is recomputed there.
+// Backward: one reverse sweep of pointwise pass + recurrent GEMM per step that fills `dgates`;
+// then the gradients of input, w_ih, w_hh and the bias are one GEMM (or reduction) each.
+//
+// Packed sequences: `batch_sizes[t]` rows are active at step t (a non-increasing prefix of the
+// batch, as in torch's PackedSequence). Inactive rows keep their state, so the final state of each
+// sequence is the state after its own last step in either direction.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/vec_math.h"
+
+namespace pyengine {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// ---- pointwise kernels over one row (one sequence of the batch) -------------------------------
+
+// Units [0, count) of one row. Gate q of unit j sits at g[q*H + j] (torch's i,f,g,o blocks).
+// g: pre-activations in, activations out.  c: c_{t-1} in, c_t out.  cell: copy of c_t kept for
+// backward.  m: o * tanh(c_t).
+template <typename T>
+inline void forward_units(T* g, T* c, T* cell, T* m, int64_t H, int64_t count) {
+  int64_t j = 0;
+#if PYENGINE_HAS_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 8 <= count; j += 8) {
+      __m256 i = sigmoid256(_mm256_loadu_ps(g + j));
+      __m256 f = sigmoid256(_mm256_loadu_ps(g + H + j));
+      __m256 z = tanh256(_mm256_loadu_ps(g + 2 * H + j));
+      __m256 o = sigmoid256(_mm256_loadu_ps(g + 3 * H + j));
+      __m256 cn = _mm256_fmadd_ps(f, _mm256_loadu_ps(c + j), _mm256_mul_ps(i, z));
+      _mm256_storeu_ps(g + j, i);
+      _mm256_storeu_ps(g + H + j, f);
+      _mm256_storeu_ps(g + 2 * H + j, z);
+      _mm256_storeu_ps(g + 3 * H + j, o);
+      _mm256_storeu_ps(c + j, cn);
+      _mm256_storeu_ps(cell + j, cn);
+      _mm256_storeu_ps(m + j, _mm256_mul_ps(o, tanh256(cn)));
+    }
+  }
+#endif
+  for (; j < count; ++j) {
+    T i = sigmoid(g[j]), f = sigmoid(g[H + j]), z = tanh_(g[2 * H + j]), o = sigmoid(g[3 * H + j]);
+    T cn = f * c[j] + i * z;
+    g[j] = i;
+    g[H + j] = f;
+    g[2 * H + j] = z;
+    g[3 * H + j] = o;
+    c[j] = cn;
+    cell[j] = cn;
+    m[j] = o * tanh_(cn);
+  }
+}
+
+// Units [0, count) of one row, gates at stride H as above. act: activated gates of step t.
+// cell: c_t.  cprev: c_{t-1}.  dm: gradient w.r.t. o*tanh(c_t).  dc: gradient w.r.t. c_t in,
+// w.r.t. c_{t-1} out.  dg: gradient w.r.t. the pre-activation gates.
+template <typename T>
+inline void backward_units(const T* act, const T* cell, const T* cprev, const T* dm, T* dc, T* dg,
+                           int64_t H, int64_t count) {
+  int64_t j = 0;
+#if PYENGINE_HAS_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; j + 8 <= count; j += 8) {
+      __m256 i = _mm256_loadu_ps(act + j), f = _mm256_loadu_ps(act + H + j);
+      __m256 z = _mm256_loadu_ps(act + 2 * H + j), o = _mm256_loadu_ps(act + 3 * H + j);
+      __m256 tc = tanh256(_mm256_loadu_ps(cell + j));
+      __m256 dmv = _mm256_loadu_ps(dm + j);
+      // dct = dc + dm * o * (1 - tc^2)
+      __m256 dct = _mm256_fmadd_ps(_mm256_mul_ps(dmv, o), _mm256_fnmadd_ps(tc, tc, one),
+                                   _mm256_loadu_ps(dc + j));
+      __m256 di = _mm256_mul_ps(dct, z);
+      __m256 df = _mm256_mul_ps(dct, _mm256_loadu_ps(cprev + j));
+      __m256 dz = _mm256_mul_ps(dct, i);
+      __m256 d_o = _mm256_mul_ps(dmv, tc);
+      _mm256_storeu_ps(dg + j, _mm256_mul_ps(di, _mm256_mul_ps(i, _mm256_sub_ps(one, i))));
+      _mm256_storeu_ps(dg + H + j, _mm256_mul_ps(df, _mm256_mul_ps(f, _mm256_sub_ps(one, f))));
+      _mm256_storeu_ps(dg + 2 * H + j, _mm256_mul_ps(dz, _mm256_fnmadd_ps(z, z, one)));
+      _mm256_storeu_ps(dg + 3 * H + j, _mm256_mul_ps(d_o, _mm256_mul_ps(o, _mm256_sub_ps(one, o))));
+      _mm256_storeu_ps(dc + j, _mm256_mul_ps(dct, f));
+    }
+  }
+#endif
+  for (; j < count; ++j) {
+    T i = act[j], f = act[H + j], z = act[2 * H + j], o = act[3 * H + j];
+    T tc = tanh_(cell[j]);
+    T dct = dc[j] + dm[j] * o * (T(1) - tc * tc);
+    dg[j] = dct * z * i * (T(1) - i);
+    dg[H + j] = dct * cprev[j] * f * (T(1) - f);
+    dg[2 * H + j] = dct * i * (T(1) - z * z);
+    dg[3 * H + j] = dm[j] * tc * o * (T(1) - o);
+    dc[j] = dct * f;
+  }
+}
+
+// Rows per parallel chunk: enough work per thread to pay for the fork.
+// Up to this batch x hidden the fused path wins over per-step library GEMMs (measured with
+// bench/bench_lstm.py on a 2-core AVX2 machine).
+constexpr int64_t kFusedMaxBatchTimesHidden = 8192;
+
+inline int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)); }
+
+// ---- argument checks (the Python layer validates first; these guard the raw pointers) ---------
+
+struct Dims {
+  int64_t T, N, I, H, P;
+};
+
+Dims check_layer_args(const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                      const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                      const std::optional<Tensor>& batch_sizes) {
+  TORCH_CHECK(input.dim() == 3, "lstm: input must be [T,N,I], got ", input.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, "lstm: w_ih must be [4H,I], got ",
+              w_ih.sizes());
+  Dims d{input.size(0), input.size(1), input.size(2), w_ih.size(0) / 4, w_ih.size(0) / 4};
+  if (w_hr.has_value()) {
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == d.H, "lstm: w_hr must be [P,", d.H, "], got ",
+                w_hr->sizes());
+    d.P = w_hr->size(0);
+  }
+  TORCH_CHECK(d.T >= 1, "lstm: the sequence must have at least one step");
+  TORCH_CHECK(w_ih.size(1) == d.I, "lstm: w_ih must be [", 4 * d.H, ",", d.I, "], got ",
+              w_ih.sizes());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * d.H && w_hh.size(1) == d.P,
+              "lstm: w_hh must be [", 4 * d.H, ",", d.P, "], got ", w_hh.sizes());
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == d.N && h0.size(1) == d.P, "lstm: h0 must be [", d.N,
+              ",", d.P, "], got ", h0.sizes());
+  TORCH_CHECK(c0.dim() == 2 && c0.size(0) == d.N && c0.size(1) == d.H, "lstm: c0 must be [", d.N,
+              ",", d.H, "], got ", c0.sizes());
+  for (const Tensor* t : {&h0, &c0, &w_ih, &w_hh}) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type(), "lstm: all tensors must have dtype ",
+                input.scalar_type(), ", got ", t->scalar_type());
+  }
+  if (batch_sizes.has_value()) {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.size(0) == d.T && bs.scalar_type() == at::kLong && bs.is_cpu(),
+                "lstm: batch_sizes must be a CPU int64 tensor of shape [", d.T, "]");
+    auto acc = bs.contiguous();
+    const int64_t* p = acc.data_ptr<int64_t>();
+    for (int64_t t = 0; t < d.T; ++t) {
+      TORCH_CHECK(p[t] >= 1 && p[t] <= d.N, "lstm: batch_sizes[", t, "]=", p[t],
+                  " must be in [1, ", d.N, "]");
+      TORCH_CHECK(t == 0 || p[t] <= p[t - 1], "lstm: batch_sizes must be non-increasing");
+    }
+  }
+  return d;
+}
+
+std::vector<int64_t> active_rows(const std::optional<Tensor>& batch_sizes, int64_t T, int64_t N) {
+  std::vector<int64_t> rows(T, N);
+  if (batch_sizes.has_value()) {
+    auto bs = batch_sizes->contiguous();
+    const int64_t* p = bs.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) rows[t] = p[t];
+  }
+  return rows;
+}
+
+// prev[t] = the state each active row of step t started from: the state written by the step
+// processed just before it (if the row was active there) or the initial state.
+Tensor previous_states(const Tensor& states, const Tensor& init, const std::vector<int64_t>& rows,
+                       bool reverse) {
+  const int64_t T = states.size(0);
+  Tensor prev = at::zeros_like(states);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t tp = reverse ? t + 1 : t - 1;
+    const bool has_prev = tp >= 0 && tp < T;
+    const int64_t from_prev = has_prev ? std::min(rows[t], rows[tp]) : 0;
+    if (from_prev > 0) prev[t].narrow(0, 0, from_prev).copy_(states[tp].narrow(0, 0, from_prev));
+    if (rows[t] > from_prev)
+      prev[t].narrow(0, from_prev, rows[t] - from_prev)
+          .copy_(init.narrow(0, from_prev, rows[t] - from_prev));
+  }
+  return prev;
+}
+
+// ---- fused small-batch path (float32, AVX2 or AVX-512, no projection, H % kUnits == 0) ---------
+//
+// For small batches the per-step GEMM is a few microseconds of work, so a library call, a tensor
+// view and a thread fork per step cost more than the arithmetic. This path runs the whole time
+// loop inside one OpenMP region: each thread owns a contiguous range of unit tiles (kUnits hidden
+// units each) and, per step, computes the recurrent GEMM for the four gates of its tiles in
+// registers and applies the pointwise update right away; one barrier per step publishes the new
+// hidden state. Built with AVX-512 where the build machine has it (twice the FMA width and
+// registers), AVX2 otherwise.
+
+#if PYENGINE_HAS_AVX2
+
+#if defined(__AVX512F__)
+struct Vec {
+  using T = __m512;
+  static constexpr int W = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+};
+constexpr int kTileRows = 6;  // 6 rows x 4 vectors = 24 accumulators of 32 registers
+#else
+struct Vec {
+  using T = __m256;
+  static constexpr int W = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+};
+constexpr int kTileRows = 3;  // 3 rows x 4 vectors = 12 accumulators of 16 registers
+#endif
+constexpr int kUnits = Vec::W;  // hidden units per tile: one vector of each gate
+
+// out[r][0 : W*V] = sum_k a[r][k] * b[k*ldb + 0 : W*V] for r < R.  a: R row pointers, each [K].
+// b: [K, ldb] row-major.  out: [R, W*V]. The R*V accumulators, R broadcasts and one vector of b
+// fit in the register file (no spills).
+template <int R, int V>
+inline void gemm_tile(const float* const* a, int64_t K, const float* b, int64_t ldb, float* out) {
+  typename Vec::T acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = Vec::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    typename Vec::T av[R];
+    for (int r = 0; r < R; ++r) av[r] = Vec::broadcast(a[r] + k);
+    const float* bk = b + k * ldb;
+    for (int v = 0; v < V; ++v) {
+      const typename Vec::T bv = Vec::load(bk + Vec::W * v);
+      for (int r = 0; r < R; ++r) acc[r][v] = Vec::fma(av[r], bv, acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) Vec::store(out + (r * V + v) * Vec::W, acc[r][v]);
+}
+
+template <int V>
+inline void gemm_tile_rows(int R, const float* const* a, int64_t K, const float* b, int64_t ldb,
+                           float* out) {
+  switch (R) {
+#if defined(__AVX512F__)
+    case 6: gemm_tile<6, V>(a, K, b, ldb, out); break;
+    case 5: gemm_tile<5, V>(a, K, b, ldb, out); break;
+    case 4: gemm_tile<4, V>(a, K, b, ldb, out); break;
+#endif
+    case 3: gemm_tile<3, V>(a, K, b, ldb, out); break;
+    case 2: gemm_tile<2, V>(a, K, b, ldb, out); break;
+    default: gemm_tile<1, V>(a, K, b, ldb, out); break;
+  }
+}
+
+inline void gemm_tile_any(int R, int V, const float* const* a, int64_t K, const float* b,
+                          int64_t ldb, float* out) {
+  switch (V) {
+    case 4: gemm_tile_rows<4>(R, a, K, b, ldb, out); break;
+    case 3: gemm_tile_rows<3>(R, a, K, b, ldb, out); break;
+    case 2: gemm_tile_rows<2>(R, a, K, b, ldb, out); break;
+    default: gemm_tile_rows<1>(R, a, K, b, ldb, out); break;
+  }
+}
+
+// The state a row starts step t from: written by the step processed just before (if the row was
+// active there), else the initial state.  states: [T,N,X]  init: [N,X].
+inline const float* prev_row(const float* states, const float* init,
+                             const std::vector<int64_t>& rows, int64_t t, int64_t n, int64_t T,
+                             int64_t N, int64_t X, bool reverse) {
+  const int64_t tp = reverse ? t + 1 : t - 1;
+  if (tp >= 0 && tp < T && n < rows[tp]) return states + (tp * N + n) * X;
+  return init + n * X;
+}
+
+// Thread `tid` of `nt` owns unit tiles [u0, u1).
+inline void tile_range(int64_t tiles, int tid, int nt, int64_t& u0, int64_t& u1) {
+  u0 = tiles * tid / nt;
+  u1 = tiles * (tid + 1) / nt;
+}
+
+inline int fused_threads(int64_t tiles) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles)));
+}
+
+// w_hh: [4H,H]  gates: [T,N,4H] input projections in, activated gates out  output: [T,N,H]
+// cells: [T,N,H]  h0: [N,H]  h_state: [N,H] final h out  c_state: [N,H] c0 in, final c out.
+void fused_forward_f32(const Tensor& w_hh, float* gates, float* output, float* cells,
+                       const float* h0, float* h_state, float* c_state,
+                       const std::vector<int64_t>& rows, int64_t T, int64_t N, int64_t H,
+                       bool reverse) {
+  constexpr int W = kUnits;
+  const int64_t G = 4 * H, tiles = H / W;
+  // Pack w_hh^T so the 4 gates of a tile are 4W adjacent columns: wp[k, u*4W + q*W + l]
+  // = w_hh[q*H + u*W + l, k]; ATen's blocked permute-copy does it cache-friendly.
+  Tensor wp_t = w_hh.view({4, tiles, W, H}).permute({3, 1, 0, 2}).contiguous();
+  const float* wp = wp_t.data_ptr<float>();
+#pragma omp parallel num_threads(fused_threads(tiles))
+  {
+    int64_t u0, u1;
+    tile_range(tiles, omp_get_thread_num(), omp_get_num_threads(), u0, u1);
+    alignas(64) float tmp[kTileRows * 4 * W];
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      const int64_t B = rows[t];
+      for (int64_t u = u0; u < u1; ++u) {
+        for (int64_t r0 = 0; r0 < B; r0 += kTileRows) {
+          const int R = static_cast<int>(std::min<int64_t>(kTileRows, B - r0));
+          const float* a[kTileRows];
+          for (int r = 0; r < R; ++r)
+            a[r] = prev_row(output, h0, rows, t, r0 + r, T, N, H, reverse);
+          gemm_tile_any(R, 4, a, H, wp + u * 4 * W, G, tmp);
+          for (int r = 0; r < R; ++r) {
+            const int64_t row = t * N + r0 + r;
+            float* g = gates + row * G + u * W;
+            for (int q = 0; q < 4; ++q)
+              Vec::store(g + q * H, Vec::add(Vec::load(g + q * H), Vec::load(tmp + (r * 4 + q) * W)));
+            float* h = output + row * H + u * W;
+            forward_units<float>(g, c_state + (r0 + r) * H + u * W, cells + row * H + u * W, h, H, W);
+            Vec::store(h_state + (r0 + r) * H + u * W, Vec::load(h));
+          }
+        }
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+// w_hh: [4H,H]  gates: [T,N,4H] activated  cells: [T,N,H]  c0: [N,H]
+// grad_output: [T,N,H] or nullptr  dgates: [T,N,4H] out
+// dh_state: [N,H] grad_h_n in, grad_h0 out  dc_state: [N,H] grad_c_n in, grad_c0 out.
+void fused_backward_f32(const float* w_hh, const float* gates, const float* cells, const float* c0,
+                        const float* grad_output, float* dgates, float* dh_state, float* dc_state,
+                        const std::vector<int64_t>& rows, int64_t T, int64_t N, int64_t H,
+                        bool reverse) {
+  constexpr int W = kUnits;
+  const int64_t G = 4 * H, tiles = H / W;
+#pragma omp parallel num_threads(fused_threads(tiles))
+  {
+    int64_t u0, u1;
+    tile_range(tiles, omp_get_thread_num(), omp_get_num_threads(), u0, u1);
+    alignas(64) float tmp[kTileRows * 4 * W];
+    alignas(64) float dm[W];
+    // dh_state[:B, own tiles] = dgates[t][:B] @ w_hh[:, own tiles]
+    auto recurrent_grad = [&](int64_t t) {
+      const int64_t B = rows[t];
+      for (int64_t u = u0; u < u1; u += 4) {
+        const int V = static_cast<int>(std::min<int64_t>(4, u1 - u));
+        for (int64_t r0 = 0; r0 < B; r0 += kTileRows) {
+          const int R = static_cast<int>(std::min<int64_t>(kTileRows, B - r0));
+          const float* a[kTileRows];
+          for (int r = 0; r < R; ++r) a[r] = dgates + (t * N + r0 + r) * G;
+          gemm_tile_any(R, V, a, G, w_hh + u * W, H, tmp);
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < V; ++v)
+              Vec::store(dh_state + (r0 + r) * H + (u + v) * W, Vec::load(tmp + (r * V + v) * W));
+        }
+      }
+    };
+    int64_t t_done = -1;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? s : T - 1 - s;
+      if (t_done >= 0) recurrent_grad(t_done);
+      for (int64_t n = 0; n < rows[t]; ++n) {
+        const int64_t row = t * N + n;
+        const float* cprev = prev_row(cells, c0, rows, t, n, T, N, H, reverse);
+        for (int64_t u = u0; u < u1; ++u) {
+          typename Vec::T d = Vec::load(dh_state + n * H + u * W);
+          if (grad_output) d = Vec::add(d, Vec::load(grad_output + row * H + u * W));
+          Vec::store(dm, d);
+          backward_units<float>(gates + row * G + u * W, cells + row * H + u * W, cprev + u * W,
+                                dm, dc_state + n * H + u * W, dgates + row * G + u * W, H, W);
+        }
+      }
+      t_done = t;
+#pragma omp barrier
+    }
+    recurrent_grad(t_done);
+  }
+}
+
+#endif  // PYENGINE_HAS_AVX2
+
+// Which path a call takes: "fused" (above), "gemm" (ATen GEMM per step), or auto by size.
+// PYENGINE_LSTM_PATH=fused|gemm forces one (benchmarks and tests compare both).
+bool use_fused_path(const Tensor& input, bool has_proj, int64_t N, int64_t H) {
+#if PYENGINE_HAS_AVX2
+  if (input.scalar_type() != at::kFloat || has_proj || H % kUnits != 0) return false;
+  const char* forced = std::getenv("PYENGINE_LSTM_PATH");
+  if (forced && std::string(forced) == "fused") return true;
+  if (forced && std::string(forced) == "gemm") return false;
+  return N * H <= kFusedMaxBatchTimesHidden;
+#else
+  (void)input; (void)has_proj; (void)N; (void)H;
+  return false;
+#endif
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& input_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_ih_,
+    const Tensor& w_hh_, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& batch_sizes, bool reverse) {
+  at::NoGradGuard no_grad;  // the kernel is the derivative; autograd is handled above it
+  const Dims d = check_layer_args(input_, h0_, c0_, w_ih_, w_hh_, w_hr_, batch_sizes);
+  const auto rows = active_rows(batch_sizes, d.T, d.N);
+  const bool packed = batch_sizes.has_value();
+  const auto opts = input_.options();
+
+  Tensor input = input_.contiguous();
+  Tensor w_hh_t = w_hh_.t();  // [P,4H] view, consumed by the GEMM as a transposed operand
+  Tensor w_hr_t = w_hr_.has_value() ? w_hr_->t() : Tensor();
+
+  // Input projection of every step: gates = x @ w_ih^T + (b_ih + b_hh), one GEMM.
+  Tensor gates = at::empty({d.T, d.N, 4 * d.H}, opts);
+  Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
+  Tensor x2d = input.view({d.T * d.N, d.I});
+  if (b_ih.has_value() || b_hh.has_value()) {
+    Tensor bias = b_ih.has_value() ? *b_ih : at::zeros({4 * d.H}, opts);
+    if (b_hh.has_value()) bias = bias + *b_hh;
+    TORCH_CHECK(bias.numel() == 4 * d.H, "lstm: biases must have ", 4 * d.H, " elements");
+    at::addmm_out(gates2d, bias, x2d, w_ih_.t());
+  } else {
+    at::mm_out(gates2d, x2d, w_ih_.t());
+  }
+
+  Tensor output = packed ? at::zeros({d.T, d.N, d.P}, opts) : at::empty({d.T, d.N, d.P}, opts);
+  Tensor cells = packed ? at::zeros({d.T, d.N, d.H}, opts) : at::empty({d.T, d.N, d.H}, opts);
+  Tensor h = h0_.contiguous().clone();
+  Tensor c = c0_.contiguous().clone();
+  Tensor m = w_hr_.has_value() ? at::empty({d.N, d.H}, opts) : Tensor();
+  const int64_t H = d.H;
+
+#if PYENGINE_HAS_AVX2
+  if (use_fused_path(input, w_hr_.has_value(), d.N, d.H)) {
+    Tensor w_hh = w_hh_.contiguous();
+    Tensor h0 = h0_.contiguous();
+    fused_forward_f32(w_hh, gates.data_ptr<float>(), output.data_ptr<float>(),
+                      cells.data_ptr<float>(), h0.data_ptr<float>(), h.data_ptr<float>(),
+                      c.data_ptr<float>(), rows, d.T, d.N, d.H, reverse);
+    return {output, h, c, gates, cells};
+  }
+#endif
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward", [&] {
+    for (int64_t s = 0; s < d.T; ++s) {
+      const int64_t t = reverse ? d.T - 1 - s : s;
+      const int64_t B = rows[t];
+      Tensor g_t = gates[t].narrow(0, 0, B);
+      g_t.addmm_(h.narrow(0, 0, B), w_hh_t);
+      Tensor out_t = output[t].narrow(0, 0, B);
+      // Without projection the hidden state is o*tanh(c) itself: write it straight to output.
+      Tensor m_t = w_hr_.has_value() ? m.narrow(0, 0, B) : out_t;
+      scalar_t* g = g_t.data_ptr<scalar_t>();
+      scalar_t* cp = c.data_ptr<scalar_t>();
+      scalar_t* cell = cells[t].data_ptr<scalar_t>();
+      scalar_t* mp = m_t.data_ptr<scalar_t>();
+      at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n)
+          forward_units<scalar_t>(g + n * 4 * H, cp + n * H, cell + n * H, mp + n * H, H, H);
+      });
+      if (w_hr_.has_value()) at::mm_out(out_t, m_t, w_hr_t);
+      h.narrow(0, 0, B).copy_(out_t);
+    }
+  });
+  return {output, h, c, gates, cells};
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const Tensor& grad_output_, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& input_, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
+    const Tensor& output_, const Tensor& gates_, const Tensor& cells_, bool reverse, bool has_bias,
+    bool compute_input_grad) {
+  at::NoGradGuard no_grad;
+  const Dims d = check_layer_args(input_, h0, c0, w_ih, w_hh, w_hr, batch_sizes);
+  const auto rows = active_rows(batch_sizes, d.T, d.N);
+  const auto opts = input_.options();
+  TORCH_CHECK(output_.sizes() == at::IntArrayRef({d.T, d.N, d.P}), "lstm backward: output shape");
+  TORCH_CHECK(gates_.sizes() == at::IntArrayRef({d.T, d.N, 4 * d.H}), "lstm backward: gates shape");
+  TORCH_CHECK(cells_.sizes() == at::IntArrayRef({d.T, d.N, d.H}), "lstm backward: cells shape");
+  TORCH_CHECK(!grad_output_.defined() || grad_output_.numel() == 0 ||
+                  grad_output_.sizes() == output_.sizes(),
+              "lstm backward: grad_output must be [T,N,P]");
+  TORCH_CHECK(!grad_h_n.defined() || grad_h_n.numel() == 0 || grad_h_n.sizes() == h0.sizes(),
+              "lstm backward: grad_h_n must be [N,P]");
+  TORCH_CHECK(!grad_c_n.defined() || grad_c_n.numel() == 0 || grad_c_n.sizes() == c0.sizes(),
+              "lstm backward: grad_c_n must be [N,H]");
+
+  Tensor gates = gates_.contiguous(), cells = cells_.contiguous(), output = output_.contiguous();
+  const bool have_grad_out = grad_output_.defined() && grad_output_.numel() > 0;
+  Tensor grad_output = have_grad_out ? grad_output_.contiguous() : Tensor();
+  Tensor dh = (grad_h_n.defined() && grad_h_n.numel() > 0) ? grad_h_n.contiguous().clone()
+                                                           : at::zeros({d.N, d.P}, opts);
+  Tensor dc = (grad_c_n.defined() && grad_c_n.numel() > 0) ? grad_c_n.contiguous().clone()
+                                                           : at::zeros({d.N, d.H}, opts);
+  Tensor dgates = batch_sizes.has_value() ? at::zeros({d.T, d.N, 4 * d.H}, opts)
+                                          : at::empty({d.T, d.N, 4 * d.H}, opts);
+  // With projection: dm = dh @ w_hr per step, and dh of every step is kept for grad_w_hr.
+  Tensor dm = w_hr.has_value() ? at::empty({d.N, d.H}, opts) : Tensor();
+  Tensor dh_all = w_hr.has_value() ? at::zeros({d.T, d.N, d.P}, opts) : Tensor();
+  const int64_t H = d.H;
+  bool fused = false;
+#if PYENGINE_HAS_AVX2
+  if (use_fused_path(input_, w_hr.has_value(), d.N, d.H)) {
+    Tensor w_hh_c = w_hh.contiguous(), c0_c = c0.contiguous();
+    fused_backward_f32(w_hh_c.data_ptr<float>(), gates.data_ptr<float>(), cells.data_ptr<float>(),
+                       c0_c.data_ptr<float>(),
+                       have_grad_out ? grad_output.data_ptr<float>() : nullptr,
+                       dgates.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>(), rows,
+                       d.T, d.N, d.H, reverse);
+    fused = true;
+  }
+#endif
+  if (!fused) {
+  Tensor c_prev = previous_states(cells, c0.contiguous(), rows, reverse);
+
+  AT_DISPATCH_FLOATING_TYPES(input_.scalar_type(), "lstm_layer_backward", [&] {
+    for (int64_t s = 0; s < d.T; ++s) {
+      const int64_t t = reverse ? s : d.T - 1 - s;
+      const int64_t B = rows[t];
+      Tensor dh_t = dh.narrow(0, 0, B);
+      if (have_grad_out) dh_t.add_(grad_output[t].narrow(0, 0, B));
+      Tensor dm_t = dh_t;
+      if (w_hr.has_value()) {
+        dh_all[t].narrow(0, 0, B).copy_(dh_t);
+        dm_t = dm.narrow(0, 0, B);
+        at::mm_out(dm_t, dh_t, *w_hr);
+      }
+      const scalar_t* act = gates[t].data_ptr<scalar_t>();
+      const scalar_t* cell = cells[t].data_ptr<scalar_t>();
+      const scalar_t* cprev = c_prev[t].data_ptr<scalar_t>();
+      const scalar_t* dmp = dm_t.data_ptr<scalar_t>();
+      scalar_t* dcp = dc.data_ptr<scalar_t>();
+      scalar_t* dg = dgates[t].data_ptr<scalar_t>();
+      at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n)
+          backward_units<scalar_t>(act + n * 4 * H, cell + n * H, cprev + n * H, dmp + n * H,
+                                   dcp + n * H, dg + n * 4 * H, H, H);
+      });
+      at::mm_out(dh_t, dgates[t].narrow(0, 0, B), w_hh);
+    }
+  });
+  }
+
+  // Everything that does not depend on the recurrence: one GEMM (or reduction) each.
+  Tensor dg2d = dgates.view({d.T * d.N, 4 * d.H});
+  Tensor input = input_.contiguous();
+  Tensor grad_input = compute_input_grad ? at::mm(dg2d, w_ih).view({d.T, d.N, d.I})
+                                         : at::empty({0}, opts);
+  Tensor grad_w_ih = at::mm(dg2d.t(), input.view({d.T * d.N, d.I}));
+  Tensor grad_w_hh;
+  if (batch_sizes.has_value()) {
+    Tensor h_prev = previous_states(output, h0.contiguous(), rows, reverse);
+    grad_w_hh = at::mm(dg2d.t(), h_prev.view({d.T * d.N, d.P}));
+  } else {
+    // Every row is active at every step: h_prev is the output shifted by one step, with h0 at
+    // the first step processed. Two GEMMs on views, no copy.
+    const int64_t first = reverse ? d.T - 1 : 0;
+    grad_w_hh = at::mm(dgates[first].t(), h0);
+    if (d.T > 1) {
+      Tensor out2d = output.view({d.T * d.N, d.P});
+      const int64_t M = (d.T - 1) * d.N;
+      Tensor dg_rest = reverse ? dg2d.narrow(0, 0, M) : dg2d.narrow(0, d.N, M);
+      Tensor h_rest = reverse ? out2d.narrow(0, d.N, M) : out2d.narrow(0, 0, M);
+      grad_w_hh.addmm_(dg_rest.t(), h_rest);
+    }
+  }
+  Tensor grad_bias = has_bias ? dg2d.sum(0) : at::empty({0}, opts);
+  Tensor grad_w_hr = at::empty({0}, opts);
+  if (w_hr.has_value()) {
+    // m = o * tanh(c), recomputed for the rows that were active (zero elsewhere).
+    Tensor m_all = gates.narrow(2, 3 * d.H, d.H) * at::tanh(cells);
+    if (batch_sizes.has_value()) {
+      for (int64_t t = 0; t < d.T; ++t)
+        if (rows[t] < d.N) m_all[t].narrow(0, rows[t], d.N - rows[t]).zero_();
+    }
+    grad_w_hr = at::mm(dh_all.view({d.T * d.N, d.P}).t(), m_all.reshape({d.T * d.N, d.H}));
+  }
+  return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward);
+  m.impl("lstm_layer_backward", &lstm_layer_backward);
+}
+
+}  // namespace cpu
+}  // namespace pyengine

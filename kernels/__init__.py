@@ -1,0 +1,1 @@
+"""Triton kernels: the GPU path of every op family."""

@@ -1,0 +1,66 @@
+"""LSTMLanguageModel: the running example, next-token prediction over a token vocabulary."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pyengine.nn import LSTM
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding -> multi-layer LSTM (ours) -> vocabulary head, batch-first.
+
+    tie_weights shares the embedding matrix with the output head (needs embed_dim ==
+    hidden_size). `forward` returns next-token logits [B,T,V] and the final state; `step`
+    advances one token for generation, carrying the state so each new token costs one step.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 128,
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        dropout: float = 0.0,
+        tie_weights: bool = False,
+        lstm_class: type[nn.Module] = LSTM,
+    ) -> None:
+        super().__init__()
+        if tie_weights and embed_dim != hidden_size:
+            raise ValueError(
+                f"tie_weights needs embed_dim == hidden_size, got {embed_dim} != {hidden_size}"
+            )
+        self.config = dict(
+            vocab_size=vocab_size, embed_dim=embed_dim, hidden_size=hidden_size,
+            num_layers=num_layers, dropout=dropout, tie_weights=tie_weights,
+        )
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.lstm = lstm_class(
+            embed_dim, hidden_size, num_layers, batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
+        self.head = nn.Linear(hidden_size, vocab_size)
+        if tie_weights:
+            self.head.weight = self.embedding.weight
+
+    def forward(
+        self, tokens: torch.Tensor, state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """tokens: [B,T] int64 -> logits [B,T,V], (h_n, c_n)."""
+        if tokens.dim() != 2 or tokens.dtype != torch.long:
+            raise ValueError(
+                f"tokens must be a 2-D int64 tensor [batch, time], got {tokens.dtype} "
+                f"of shape {tuple(tokens.shape)}"
+            )
+        hidden, state = self.lstm(self.dropout(self.embedding(tokens)), state)
+        return self.head(self.dropout(hidden)), state
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """One token per sequence: tokens [B] -> logits [B,V], new state."""
+        logits, state = self.forward(tokens.reshape(-1, 1), state)
+        return logits[:, -1], state

@@ -1,0 +1,5 @@
+"""Drop-in modules over pyengine's fused ops."""
+
+from pyengine.nn.lstm import LSTM, LSTMCell
+
+__all__ = ["LSTM", "LSTMCell"]

@@ -1,0 +1,206 @@
+"""Fused LSTM ops: one layer-direction over a whole sequence, and the multi-layer stack.
+
+`lstm_layer` runs one direction of one layer as a single native op (time loop in C++ on CPU,
+per-step fused Triton kernels on CUDA); `lstm` stacks layers and directions the way
+torch.nn.LSTM does. Supported dtypes: float32 and float64 on CPU; float32, bfloat16 and float16
+on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyengine.ops._common import (
+    check_same_device_and_dtype,
+    check_shape,
+    check_tensor,
+    native,
+    register_autograd,
+    register_cuda_kernel,
+    register_fake,
+    triton_available,
+)
+
+LayerWeights = tuple  # (w_ih, w_hh, b_ih | None, b_hh | None, w_hr | None)
+
+
+def _validate_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) -> None:
+    check_tensor(input, "input", ndim=3)
+    check_tensor(w_ih, "w_ih", ndim=2)
+    check_tensor(w_hh, "w_hh", ndim=2)
+    T, N, I = input.shape
+    if T == 0:
+        raise ValueError(f"input must have at least one time step, got shape {tuple(input.shape)}")
+    if w_ih.shape[0] % 4 != 0 or w_ih.shape[0] == 0:
+        raise ValueError(f"w_ih must have 4*hidden_size rows, got shape {tuple(w_ih.shape)}")
+    H = w_ih.shape[0] // 4
+    check_shape(w_ih, "w_ih", (4 * H, I))
+    if w_hr is not None:
+        check_tensor(w_hr, "w_hr", ndim=2)
+        if w_hr.shape[1] != H or w_hr.shape[0] == 0:
+            raise ValueError(f"w_hr must have shape (proj_size, {H}), got {tuple(w_hr.shape)}")
+    P = w_hr.shape[0] if w_hr is not None else H
+    check_shape(w_hh, "w_hh", (4 * H, P))
+    check_tensor(h0, "h0", ndim=2)
+    check_tensor(c0, "c0", ndim=2)
+    check_shape(h0, "h0", (N, P))
+    check_shape(c0, "c0", (N, H))
+    for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if bias is not None:
+            check_tensor(bias, name, ndim=1)
+            check_shape(bias, name, (4 * H,))
+    check_same_device_and_dtype(
+        {"input": input, "h0": h0, "c0": c0, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih,
+         "b_hh": b_hh, "w_hr": w_hr}
+    )
+    if batch_sizes is not None:
+        check_tensor(batch_sizes, "batch_sizes", ndim=1, dtype=torch.int64, floating=False)
+        if batch_sizes.device.type != "cpu":
+            raise ValueError(f"batch_sizes must be on the CPU, got {batch_sizes.device}")
+        check_shape(batch_sizes, "batch_sizes", (T,))
+
+
+def lstm_layer(
+    input: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None = None,
+    b_hh: torch.Tensor | None = None,
+    w_hr: torch.Tensor | None = None,
+    batch_sizes: torch.Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer in one direction over a whole sequence.
+
+    input: [T,N,I]  h0: [N,P]  c0: [N,H]  w_ih: [4H,I]  w_hh: [4H,P]  b_ih, b_hh: [4H]
+    w_hr: [P,H] (projection) or None (P = H). batch_sizes: int64 [T], non-increasing, rows active
+    per step (packed sequences). Returns output [T,N,P], h_n [N,P], c_n [N,H].
+    """
+    _validate_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes)
+    output, h_n, c_n, _, _ = native("lstm_layer_forward")(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse
+    )
+    return output, h_n, c_n
+
+
+def lstm(
+    input: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    weights: list[LayerWeights],
+    *,
+    num_layers: int,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    batch_sizes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A stack of LSTM layers, as torch.nn.LSTM computes it (time-major).
+
+    input: [T,N,I]  h0: [L*D,N,P]  c0: [L*D,N,H]; weights: L*D tuples
+    (w_ih, w_hh, b_ih, b_hh, w_hr) in torch's order (layer-major, forward before reverse).
+    Dropout is applied to the output of every layer but the last when training.
+    Returns output [T,N,D*P], h_n [L*D,N,P], c_n [L*D,N,H].
+    """
+    directions = 2 if bidirectional else 1
+    if len(weights) != num_layers * directions:
+        raise ValueError(
+            f"weights must hold {num_layers * directions} layer tuples, got {len(weights)}"
+        )
+    h_n, c_n = [], []
+    x = input
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[index]
+            out, h, c = lstm_layer(
+                x, h0[index], c0[index], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                reverse=direction == 1,
+            )
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, p=dropout, training=True)
+    return x, torch.stack(h_n), torch.stack(c_n)
+
+
+# ---- fake kernels (shapes only), for torch.compile and FakeTensor ------------------------------
+
+
+@register_fake("lstm_layer_forward")
+def _lstm_layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    T, N, _ = input.shape
+    H = w_ih.shape[0] // 4
+    P = w_hr.shape[0] if w_hr is not None else H
+    new = input.new_empty
+    return new(T, N, P), new(N, P), new(N, H), new(T, N, 4 * H), new(T, N, H)
+
+
+@register_fake("lstm_layer_backward")
+def _lstm_layer_backward_fake(
+    grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, output,
+    gates, cells, reverse, has_bias, compute_input_grad,
+):
+    new = input.new_empty
+    H = w_ih.shape[0] // 4
+    return (
+        new(input.shape) if compute_input_grad else new(0),
+        new(h0.shape),
+        new(c0.shape),
+        new(w_ih.shape),
+        new(w_hh.shape),
+        new(4 * H) if has_bias else new(0),
+        new(w_hr.shape) if w_hr is not None else new(0),
+    )
+
+
+# ---- autograd: backward runs our own backward kernel ---------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
+    out, _, _, gates, cells = output
+    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells)
+    ctx.reverse = reverse
+    ctx.has_b_ih = b_ih is not None
+    ctx.has_b_hh = b_hh is not None
+    ctx.mark_non_differentiable(gates, cells)
+
+
+def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
+    empty = input.new_empty(0)
+    grads = native("lstm_layer_backward")(
+        grad_output if grad_output is not None else empty,
+        grad_h_n if grad_h_n is not None else empty,
+        grad_c_n if grad_c_n is not None else empty,
+        input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells,
+        ctx.reverse, ctx.has_b_ih or ctx.has_b_hh, ctx.needs_input_grad[0],
+    )
+    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
+    return (
+        grad_input if ctx.needs_input_grad[0] else None,
+        grad_h0,
+        grad_c0,
+        grad_w_ih,
+        grad_w_hh,
+        grad_bias if ctx.has_b_ih else None,
+        grad_bias if ctx.has_b_hh else None,
+        grad_w_hr if w_hr is not None else None,
+        None,
+        None,
+    )
+
+
+register_autograd("lstm_layer_forward", _backward, _setup_context)
+
+if torch.version.cuda is not None and triton_available():  # a CUDA build of torch
+    from pyengine.kernels import lstm as _triton_lstm
+
+    register_cuda_kernel("lstm_layer_forward", _triton_lstm.lstm_layer_forward)
+    register_cuda_kernel("lstm_layer_backward", _triton_lstm.lstm_layer_backward)
