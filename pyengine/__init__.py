@@ -10,4 +10,4 @@ from pyengine.patch import patch
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTMLanguageModel", "nn", "ops", "patch"]
+__all__ = ["LSTMLanguageModel", "data", "nn", "ops", "patch"]

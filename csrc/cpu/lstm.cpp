@@ -37,6 +37,24 @@ using at::Tensor;
 template <typename T>
 inline void forward_units(T* g, T* c, T* cell, T* m, int64_t H, int64_t count) {
   int64_t j = 0;
+#if PYENGINE_HAS_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 16 <= count; j += 16) {
+      __m512 i = sigmoid512(_mm512_loadu_ps(g + j));
+      __m512 f = sigmoid512(_mm512_loadu_ps(g + H + j));
+      __m512 z = tanh512(_mm512_loadu_ps(g + 2 * H + j));
+      __m512 o = sigmoid512(_mm512_loadu_ps(g + 3 * H + j));
+      __m512 cn = _mm512_fmadd_ps(f, _mm512_loadu_ps(c + j), _mm512_mul_ps(i, z));
+      _mm512_storeu_ps(g + j, i);
+      _mm512_storeu_ps(g + H + j, f);
+      _mm512_storeu_ps(g + 2 * H + j, z);
+      _mm512_storeu_ps(g + 3 * H + j, o);
+      _mm512_storeu_ps(c + j, cn);
+      _mm512_storeu_ps(cell + j, cn);
+      _mm512_storeu_ps(m + j, _mm512_mul_ps(o, tanh512(cn)));
+    }
+  }
+#endif
 #if PYENGINE_HAS_AVX2
   if constexpr (std::is_same_v<T, float>) {
     for (; j + 8 <= count; j += 8) {
@@ -75,6 +93,28 @@ template <typename T>
 inline void backward_units(const T* act, const T* cell, const T* cprev, const T* dm, T* dc, T* dg,
                            int64_t H, int64_t count) {
   int64_t j = 0;
+#if PYENGINE_HAS_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; j + 16 <= count; j += 16) {
+      __m512 i = _mm512_loadu_ps(act + j), f = _mm512_loadu_ps(act + H + j);
+      __m512 z = _mm512_loadu_ps(act + 2 * H + j), o = _mm512_loadu_ps(act + 3 * H + j);
+      __m512 tc = tanh512(_mm512_loadu_ps(cell + j));
+      __m512 dmv = _mm512_loadu_ps(dm + j);
+      __m512 dct = _mm512_fmadd_ps(_mm512_mul_ps(dmv, o), _mm512_fnmadd_ps(tc, tc, one),
+                                   _mm512_loadu_ps(dc + j));
+      __m512 di = _mm512_mul_ps(dct, z);
+      __m512 df = _mm512_mul_ps(dct, _mm512_loadu_ps(cprev + j));
+      __m512 dz = _mm512_mul_ps(dct, i);
+      __m512 d_o = _mm512_mul_ps(dmv, tc);
+      _mm512_storeu_ps(dg + j, _mm512_mul_ps(di, _mm512_mul_ps(i, _mm512_sub_ps(one, i))));
+      _mm512_storeu_ps(dg + H + j, _mm512_mul_ps(df, _mm512_mul_ps(f, _mm512_sub_ps(one, f))));
+      _mm512_storeu_ps(dg + 2 * H + j, _mm512_mul_ps(dz, _mm512_fnmadd_ps(z, z, one)));
+      _mm512_storeu_ps(dg + 3 * H + j, _mm512_mul_ps(d_o, _mm512_mul_ps(o, _mm512_sub_ps(one, o))));
+      _mm512_storeu_ps(dc + j, _mm512_mul_ps(dct, f));
+    }
+  }
+#endif
 #if PYENGINE_HAS_AVX2
   if constexpr (std::is_same_v<T, float>) {
     const __m256 one = _mm256_set1_ps(1.0f);
@@ -298,21 +338,28 @@ inline int fused_threads(int64_t tiles) {
 
 // w_hh: [4H,H]  gates: [T,N,4H] input projections in, activated gates out  output: [T,N,H]
 // cells: [T,N,H]  h0: [N,H]  h_state: [N,H] final h out  c_state: [N,H] c0 in, final c out.
-void fused_forward_f32(const Tensor& w_hh, float* gates, float* output, float* cells,
+void fused_forward_f32(const float* w_hh, float* gates, float* output, float* cells,
                        const float* h0, float* h_state, float* c_state,
                        const std::vector<int64_t>& rows, int64_t T, int64_t N, int64_t H,
                        bool reverse) {
   constexpr int W = kUnits;
   const int64_t G = 4 * H, tiles = H / W;
-  // Pack w_hh^T so the 4 gates of a tile are 4W adjacent columns: wp[k, u*4W + q*W + l]
-  // = w_hh[q*H + u*W + l, k]; ATen's blocked permute-copy does it cache-friendly.
-  Tensor wp_t = w_hh.view({4, tiles, W, H}).permute({3, 1, 0, 2}).contiguous();
-  const float* wp = wp_t.data_ptr<float>();
+  // w_hh^T packed so the 4 gates of a tile are 4W adjacent columns: wp[k, u*4W + q*W + l]
+  // = w_hh[q*H + u*W + l, k]. Each thread packs the tiles it owns (and only it reads them).
+  std::vector<float> wp_buffer(H * G);
+  float* wp = wp_buffer.data();
 #pragma omp parallel num_threads(fused_threads(tiles))
   {
     int64_t u0, u1;
     tile_range(tiles, omp_get_thread_num(), omp_get_num_threads(), u0, u1);
     alignas(64) float tmp[kTileRows * 4 * W];
+    for (int64_t u = u0; u < u1; ++u)
+      for (int64_t q = 0; q < 4; ++q) {
+        const float* src = w_hh + (q * H + u * W) * H;  // W rows of H
+        float* dst = wp + u * 4 * W + q * W;
+        for (int64_t k = 0; k < H; ++k)
+          for (int l = 0; l < W; ++l) dst[k * G + l] = src[l * H + k];
+      }
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
       const int64_t B = rows[t];
@@ -449,7 +496,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
   if (use_fused_path(input, w_hr_.has_value(), d.N, d.H)) {
     Tensor w_hh = w_hh_.contiguous();
     Tensor h0 = h0_.contiguous();
-    fused_forward_f32(w_hh, gates.data_ptr<float>(), output.data_ptr<float>(),
+    fused_forward_f32(w_hh.data_ptr<float>(), gates.data_ptr<float>(), output.data_ptr<float>(),
                       cells.data_ptr<float>(), h0.data_ptr<float>(), h.data_ptr<float>(),
                       c.data_ptr<float>(), rows, d.T, d.N, d.H, reverse);
     return {output, h, c, gates, cells};
