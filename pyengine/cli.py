@@ -53,7 +53,7 @@ def _add_demo_parser(subparsers) -> argparse.ArgumentParser:
         "LSTM, once on torch.nn.LSTM. Prints progress, a side-by-side table of loss and "
         "tokens/s, and a greedy generation from the pyengine model.",
     )
-    parser.add_argument("--steps", type=_positive_int, default=60, help="training steps (60)")
+    parser.add_argument("--steps", type=_positive_int, default=300, help="training steps (300)")
     parser.add_argument("--batch-size", type=_positive_int, default=16, help="streams (16)")
     parser.add_argument("--seq-len", type=_positive_int, default=64, help="BPTT window (64)")
     parser.add_argument("--hidden", type=_positive_int, default=256, help="LSTM hidden (256)")

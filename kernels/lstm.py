@@ -1,0 +1,525 @@
+"""Triton (GPU) path of the fused LSTM layer op: one direction of one layer over a whole sequence.
+
+Same contract as the CPU kernel in csrc/cpu/lstm.cpp (schema in csrc/ops.cpp), which is the
+semantic reference:
+
+Forward: the input projection of all T steps is one torch GEMM into `gates`; each step is then
+ONE Triton launch (`_lstm_forward_step`) that computes the recurrent GEMM h_prev @ w_hh^T for a
+tile of rows x hidden units (all four gates of the tile, so the pointwise update needs no other
+program's results), adds it to the input projection, activates the gates in place and writes
+c_t and m = o * tanh(c_t). With a projection, h = m @ w_hr^T is one torch mm per step.
+Backward: one reverse sweep of a pointwise Triton kernel (`_lstm_backward_step`, dgates and
+dc_{t-1}) plus a torch mm (dh = dgates @ w_hh) per step; then the gradients of input, w_ih, w_hh,
+the bias and w_hr are one GEMM (or reduction) each.
+
+Packed sequences: `batch_sizes[t]` rows (a non-increasing prefix of the batch) are active at step
+t. Inactive rows keep their state; their output and cells are zero and their gates hold the
+input projection (as on the CPU).
+
+Races: a step reads every column of h_prev in every program, so h is never updated in place.
+The kernel reads h_prev from output[t_prev] (rows active at the previous step) or h0 (rows that
+start at this step) and writes the new hidden state to output[t]. The cell state and dc are
+read and written element by element by the program that owns them, so those are in place.
+
+Only torch and triton are imported (this module is loaded by pyengine.ops, never the reverse).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on a machine without triton
+    _HAS_TRITON = False
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def is_available() -> bool:
+    """True when triton imports (the kernels below are then defined)."""
+    return _HAS_TRITON
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _tanh(x):
+        """tanh through sigmoid: the Triton interpreter has no tanh."""
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _lstm_forward_step(
+        h_prev_ptr,  # h_prev: [N,P] output of the step processed before (rows < n_from_prev)
+        h_init_ptr,  # h_init: [N,P] h0 (rows in [n_from_prev, B))
+        w_hh_ptr,  # w_hh: [4H,P]
+        gates_ptr,  # gates: [N,4H] this step's slice: input projection in, activated gates out
+        c_ptr,  # c: [N,H] cell state, c_{t-1} in, c_t out (float32 or the input dtype)
+        cell_ptr,  # cell: [N,H] cells[t], copy of c_t kept for backward
+        m_ptr,  # m: [N,H] o * tanh(c_t): output[t] without projection, else a scratch buffer
+        B,  # rows active at this step
+        n_from_prev,  # rows [0, n_from_prev) read h_prev, rows [n_from_prev, B) read h_init
+        H,
+        P,
+        stride_h,  # row stride of h_prev and h_init
+        stride_w0,  # w_hh strides
+        stride_w1,
+        stride_g,  # row stride of gates
+        stride_c,  # row stride of c, cell and m
+        BLOCK_N: tl.constexpr,  # rows per program (>= 16 for tl.dot)
+        BLOCK_H: tl.constexpr,  # hidden units per program (>= 16)
+        BLOCK_K: tl.constexpr,  # reduction block over P (>= 16)
+        INPUT_PRECISION: tl.constexpr,  # "ieee" (exact float32) or "tf32"
+        DOT_IN_FP32: tl.constexpr,  # upcast dot operands (bfloat16 under the interpreter only)
+    ):
+        """One LSTM step for a [BLOCK_N rows, BLOCK_H units] tile: recurrent GEMM + pointwise.
+
+        The program accumulates the four gate blocks of its units (i, f, g, o rows of w_hh) in
+        float32 so the cell update happens in registers, without a round trip through memory.
+        """
+        pid_n = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        row_ok = rows < B
+        unit_ok = units < H
+        from_prev = rows < n_from_prev
+        from_init = row_ok & (rows >= n_from_prev)
+
+        acc_i = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+        acc_f = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+        acc_o = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, P, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < P
+            h_off = rows[:, None] * stride_h + ks[None, :]
+            # Each row comes from exactly one of the two sources; the other load is masked off.
+            a = tl.load(h_prev_ptr + h_off, mask=from_prev[:, None] & k_ok[None, :], other=0.0)
+            a += tl.load(h_init_ptr + h_off, mask=from_init[:, None] & k_ok[None, :], other=0.0)
+            # w_hh[q*H + unit, k] seen as a [BLOCK_K, BLOCK_H] tile (w_hh^T).
+            w_off = units[None, :] * stride_w0 + ks[:, None] * stride_w1
+            w_mask = k_ok[:, None] & unit_ok[None, :]
+            w_i = tl.load(w_hh_ptr + w_off, mask=w_mask, other=0.0)
+            w_f = tl.load(w_hh_ptr + H * stride_w0 + w_off, mask=w_mask, other=0.0)
+            w_g = tl.load(w_hh_ptr + 2 * H * stride_w0 + w_off, mask=w_mask, other=0.0)
+            w_o = tl.load(w_hh_ptr + 3 * H * stride_w0 + w_off, mask=w_mask, other=0.0)
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                w_i = w_i.to(tl.float32)
+                w_f = w_f.to(tl.float32)
+                w_g = w_g.to(tl.float32)
+                w_o = w_o.to(tl.float32)
+            acc_i = tl.dot(a, w_i, acc_i, input_precision=INPUT_PRECISION)
+            acc_f = tl.dot(a, w_f, acc_f, input_precision=INPUT_PRECISION)
+            acc_g = tl.dot(a, w_g, acc_g, input_precision=INPUT_PRECISION)
+            acc_o = tl.dot(a, w_o, acc_o, input_precision=INPUT_PRECISION)
+
+        mask = row_ok[:, None] & unit_ok[None, :]
+        g_off = rows[:, None] * stride_g + units[None, :]
+        gi = tl.load(gates_ptr + g_off, mask=mask, other=0.0).to(tl.float32) + acc_i
+        gf = tl.load(gates_ptr + H + g_off, mask=mask, other=0.0).to(tl.float32) + acc_f
+        gg = tl.load(gates_ptr + 2 * H + g_off, mask=mask, other=0.0).to(tl.float32) + acc_g
+        go = tl.load(gates_ptr + 3 * H + g_off, mask=mask, other=0.0).to(tl.float32) + acc_o
+        i = tl.sigmoid(gi)
+        f = tl.sigmoid(gf)
+        z = _tanh(gg)
+        o = tl.sigmoid(go)
+
+        c_off = rows[:, None] * stride_c + units[None, :]
+        c_prev = tl.load(c_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
+        c_new = f * c_prev + i * z
+        m = o * _tanh(c_new)
+
+        gty = gates_ptr.dtype.element_ty
+        tl.store(gates_ptr + g_off, i.to(gty), mask=mask)
+        tl.store(gates_ptr + H + g_off, f.to(gty), mask=mask)
+        tl.store(gates_ptr + 2 * H + g_off, z.to(gty), mask=mask)
+        tl.store(gates_ptr + 3 * H + g_off, o.to(gty), mask=mask)
+        tl.store(c_ptr + c_off, c_new.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(cell_ptr + c_off, c_new.to(cell_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + c_off, m.to(m_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _lstm_backward_step(
+        gates_ptr,  # gates: [N,4H] activated gates of step t
+        cell_ptr,  # cell: [N,H] c_t (cells[t])
+        c_prev_ptr,  # c_prev: [N,H] cells of the step processed before t (rows < n_from_prev)
+        c_init_ptr,  # c_init: [N,H] c0 (rows in [n_from_prev, B))
+        dm_ptr,  # dm: [N,H] gradient w.r.t. m = o * tanh(c_t) (dh, or dh @ w_hr)
+        grad_out_ptr,  # grad_out: [N,H] grad_output[t], added to dm when HAS_GRAD_OUT
+        dc_ptr,  # dc: [N,H] gradient w.r.t. c_t in, w.r.t. c_{t-1} out (in place)
+        dgates_ptr,  # dgates: [N,4H] gradient w.r.t. the pre-activation gates, out
+        B,  # rows active at step t
+        n_from_prev,  # rows [0, n_from_prev) read c_prev, rows [n_from_prev, B) read c_init
+        H,
+        stride_g,  # row stride of gates and dgates
+        stride_c,  # row stride of cell, c_prev, c_init, dm, grad_out and dc
+        HAS_GRAD_OUT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        """Pointwise LSTM backward of one step for a [BLOCK_N rows, BLOCK_H units] tile.
+
+        tanh(c_t) is recomputed from c_t rather than stored; all math is float32.
+        """
+        pid_n = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        row_ok = rows < B
+        mask = row_ok[:, None] & (units < H)[None, :]
+        g_off = rows[:, None] * stride_g + units[None, :]
+        c_off = rows[:, None] * stride_c + units[None, :]
+
+        i = tl.load(gates_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(gates_ptr + H + g_off, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(gates_ptr + 2 * H + g_off, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(gates_ptr + 3 * H + g_off, mask=mask, other=0.0).to(tl.float32)
+        tc = _tanh(tl.load(cell_ptr + c_off, mask=mask, other=0.0).to(tl.float32))
+        prev_mask = mask & (rows < n_from_prev)[:, None]
+        init_mask = mask & (rows >= n_from_prev)[:, None]
+        c_prev = tl.load(c_prev_ptr + c_off, mask=prev_mask, other=0.0).to(tl.float32)
+        c_prev += tl.load(c_init_ptr + c_off, mask=init_mask, other=0.0).to(tl.float32)
+        dm = tl.load(dm_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GRAD_OUT:
+            dm += tl.load(grad_out_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
+        dc = tl.load(dc_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
+
+        dct = dc + dm * o * (1.0 - tc * tc)
+        d_i = dct * z * i * (1.0 - i)
+        d_f = dct * c_prev * f * (1.0 - f)
+        d_z = dct * i * (1.0 - z * z)
+        d_o = dm * tc * o * (1.0 - o)
+
+        dty = dgates_ptr.dtype.element_ty
+        tl.store(dgates_ptr + g_off, d_i.to(dty), mask=mask)
+        tl.store(dgates_ptr + H + g_off, d_f.to(dty), mask=mask)
+        tl.store(dgates_ptr + 2 * H + g_off, d_z.to(dty), mask=mask)
+        tl.store(dgates_ptr + 3 * H + g_off, d_o.to(dty), mask=mask)
+        tl.store(dc_ptr + c_off, (dct * f).to(dc_ptr.dtype.element_ty), mask=mask)
+
+    # Defined under TRITON_INTERPRET=1 (CPU tensors, numpy semantics)?
+    _INTERPRETED = type(_lstm_forward_step).__name__ == "InterpretedFunction"
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _pow2_block(n: int, lo: int, hi: int) -> int:
+    """The power of two covering n, clamped to [lo, hi]."""
+    return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """Exact float32 dots ("ieee") unless the user opted into TF32 for CUDA matmuls.
+
+    Only float32 operands look at it; 16-bit dtypes get Triton's default ("tf32").
+    """
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    """The Triton interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue #11584):
+    there, and only there, bfloat16 operands are upcast to float32 before the dot."""
+    return dtype == torch.bfloat16 and _INTERPRETED
+
+
+def _check(input: torch.Tensor, w_ih: torch.Tensor, batch_sizes: torch.Tensor | None) -> None:
+    """Guards for what the kernels assume; full validation is done by pyengine.ops."""
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"lstm (triton): unsupported dtype {input.dtype}")
+    if input.dim() != 3 or input.shape[0] < 1:
+        raise ValueError(f"lstm (triton): input must be [T,N,I] with T >= 1, got {input.shape}")
+    if w_ih.dim() != 2 or w_ih.shape[0] % 4 != 0:
+        raise ValueError(f"lstm (triton): w_ih must be [4H,I], got {tuple(w_ih.shape)}")
+    if batch_sizes is not None and batch_sizes.shape != (input.shape[0],):
+        raise ValueError(f"lstm (triton): batch_sizes must be [{input.shape[0]}]")
+
+
+def _active_rows(batch_sizes: torch.Tensor | None, T: int, N: int) -> list[int]:
+    """Rows active at each step: batch_sizes (CPU int64 [T]) as a list, or N everywhere."""
+    if batch_sizes is None:
+        return [N] * T
+    rows = [int(b) for b in batch_sizes.tolist()]
+    for t, b in enumerate(rows):
+        if not 1 <= b <= N or (t > 0 and b > rows[t - 1]):
+            raise ValueError(
+                f"lstm (triton): batch_sizes must be non-increasing in [1, {N}], got {rows}"
+            )
+    return rows
+
+
+def _prev_step(t: int, T: int, reverse: bool) -> int:
+    """The step processed just before t in the forward sweep, or -1 at the first one."""
+    tp = t + 1 if reverse else t - 1
+    return tp if 0 <= tp < T else -1
+
+
+def _rows_from_prev(rows: list[int], t: int, tp: int) -> int:
+    """Rows of step t whose state was written by step tp (the rest start from the initial one)."""
+    return min(rows[t], rows[tp]) if tp >= 0 else 0
+
+
+def _previous_states(
+    states: torch.Tensor, init: torch.Tensor, rows: list[int], reverse: bool
+) -> torch.Tensor:
+    """prev[t] = the state each active row of step t started from (zero on inactive rows).
+
+    states: [T,N,X]  init: [N,X] -> [T,N,X]. Like previous_states in csrc/cpu/lstm.cpp, as one
+    gather from [states; init; 0] with an index built on the CPU.
+    """
+    T, N, X = states.shape
+    r = torch.tensor(rows, dtype=torch.int64)
+    steps = torch.arange(T)
+    tp = steps + 1 if reverse else steps - 1
+    valid = (tp >= 0) & (tp < T)
+    r_prev = torch.where(valid, r[tp.clamp(0, T - 1)], torch.zeros_like(r))
+    from_prev = torch.minimum(r, r_prev)
+    n = torch.arange(N)
+    zero_row = T * N + N
+    idx = torch.where(
+        n[None, :] < from_prev[:, None],
+        tp.clamp(0, T - 1)[:, None] * N + n[None, :],
+        torch.where(n[None, :] < r[:, None], T * N + n[None, :], torch.full((), zero_row)),
+    )
+    table = torch.cat([states.reshape(T * N, X), init, states.new_zeros(1, X)])
+    return table.index_select(0, idx.reshape(-1).to(states.device)).view(T, N, X)
+
+
+def _active_mask(rows: list[int], N: int, device: torch.device) -> torch.Tensor:
+    """[T,N,1] bool: row n is active at step t."""
+    r = torch.tensor(rows, dtype=torch.int64)
+    return (torch.arange(N)[None, :] < r[:, None]).unsqueeze(-1).to(device)
+
+
+def _final_hidden(
+    output: torch.Tensor, h0: torch.Tensor, rows: list[int], reverse: bool
+) -> torch.Tensor:
+    """h_n: each row's output at the last step it was processed, h0 for rows never active."""
+    T, N, _ = output.shape
+    r = torch.tensor(rows, dtype=torch.int64)
+    n = torch.arange(N)
+    lengths = (r[None, :] > n[:, None]).sum(1)  # [N] steps each row is active
+    last = torch.zeros(N, dtype=torch.int64) if reverse else (lengths - 1).clamp(min=0)
+    dev = output.device
+    gathered = output[last.to(dev), n.to(dev)]
+    return torch.where((lengths > 0).to(dev)[:, None], gathered, h0)
+
+
+# ---- forward -----------------------------------------------------------------------------------
+
+
+def lstm_layer_forward(
+    input: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None,
+    b_hh: torch.Tensor | None,
+    w_hr: torch.Tensor | None,
+    batch_sizes: torch.Tensor | None,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer-direction over the sequence; returns (output, h_n, c_n, gates, cells).
+
+    input: [T,N,I]  h0: [N,P]  c0: [N,H]  w_ih: [4H,I]  w_hh: [4H,P]  b_ih, b_hh: [4H] or None
+    w_hr: [P,H] or None (P = H)  batch_sizes: CPU int64 [T] or None.
+    output: [T,N,P]  h_n: [N,P]  c_n: [N,H]  gates: [T,N,4H] activated  cells: [T,N,H].
+    """
+    _check(input, w_ih, batch_sizes)
+    with torch.no_grad():
+        return _forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+
+
+def _forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    T, N, I = input.shape
+    H = w_ih.shape[0] // 4
+    P = w_hr.shape[0] if w_hr is not None else H
+    rows = _active_rows(batch_sizes, T, N)
+    packed = batch_sizes is not None
+    dtype, dev = input.dtype, input.device
+
+    x2d = input.contiguous().view(T * N, I)
+    h0 = h0.contiguous()
+    w_hh = w_hh.contiguous()
+    # Input projection of every step, biases folded in: one GEMM.
+    gates = torch.empty(T, N, 4 * H, dtype=dtype, device=dev)
+    gates2d = gates.view(T * N, 4 * H)
+    if b_ih is not None or b_hh is not None:
+        bias = b_ih if b_ih is not None else torch.zeros(4 * H, dtype=dtype, device=dev)
+        if b_hh is not None:
+            bias = bias + b_hh
+        torch.addmm(bias, x2d, w_ih.t(), out=gates2d)
+    else:
+        torch.mm(x2d, w_ih.t(), out=gates2d)
+
+    alloc = torch.zeros if packed else torch.empty
+    output = alloc(T, N, P, dtype=dtype, device=dev)
+    cells = alloc(T, N, H, dtype=dtype, device=dev)
+    c = c0.to(torch.float32).contiguous().clone()  # float32 cell state across steps
+    m = torch.empty(N, H, dtype=dtype, device=dev) if w_hr is not None else None
+    w_hr_t = w_hr.t() if w_hr is not None else None
+
+    BLOCK_H = _pow2_block(H, 16, 64)
+    BLOCK_K = _pow2_block(P, 16, 32)
+    precision = _input_precision(dtype)
+    dot_in_fp32 = _dot_in_fp32(dtype)
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        B = rows[t]
+        tp = _prev_step(t, T, reverse)
+        h_prev = output[tp] if tp >= 0 else h0
+        m_t = m if m is not None else output[t]
+        BLOCK_N = _pow2_block(B, 16, 32)
+        grid = (triton.cdiv(B, BLOCK_N), triton.cdiv(H, BLOCK_H))
+        _lstm_forward_step[grid](
+            h_prev, h0, w_hh, gates[t], c, cells[t], m_t,
+            B, _rows_from_prev(rows, t, tp), H, P,
+            h0.stride(0), w_hh.stride(0), w_hh.stride(1), gates.stride(1), H,
+            BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
+            INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32,
+        )  # fmt: skip
+        if w_hr_t is not None:
+            torch.mm(m[:B], w_hr_t, out=output[t, :B])
+
+    if packed:
+        h_n = _final_hidden(output, h0, rows, reverse)
+    else:
+        h_n = output[0 if reverse else T - 1].clone()
+    return output, h_n, c.to(dtype), gates, cells
+
+
+# ---- backward ----------------------------------------------------------------------------------
+
+
+def lstm_layer_backward(
+    grad_output: torch.Tensor,
+    grad_h_n: torch.Tensor,
+    grad_c_n: torch.Tensor,
+    input: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None,
+    batch_sizes: torch.Tensor | None,
+    output: torch.Tensor,
+    gates: torch.Tensor,
+    cells: torch.Tensor,
+    reverse: bool,
+    has_bias: bool,
+    compute_input_grad: bool,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """Gradients of lstm_layer_forward.
+
+    grad_output: [T,N,P]  grad_h_n: [N,P]  grad_c_n: [N,H] (each may be empty, meaning zero);
+    output, gates, cells: as returned by the forward. Returns (grad_input [T,N,I] | empty,
+    grad_h0 [N,P], grad_c0 [N,H], grad_w_ih [4H,I], grad_w_hh [4H,P], grad_bias [4H] | empty,
+    grad_w_hr [P,H] | empty).
+    """
+    _check(input, w_ih, batch_sizes)
+    with torch.no_grad():
+        return _backward(
+            grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+            output, gates, cells, reverse, has_bias, compute_input_grad,
+        )  # fmt: skip
+
+
+def _backward(
+    grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+    output, gates, cells, reverse, has_bias, compute_input_grad,
+):  # fmt: skip
+    T, N, I = input.shape
+    H = w_ih.shape[0] // 4
+    P = w_hr.shape[0] if w_hr is not None else H
+    rows = _active_rows(batch_sizes, T, N)
+    packed = batch_sizes is not None
+    dtype, dev = input.dtype, input.device
+
+    gates = gates.contiguous()
+    cells = cells.contiguous()
+    output = output.contiguous()
+    c0 = c0.contiguous()
+    w_hh = w_hh.contiguous()
+    have_grad_out = grad_output is not None and grad_output.numel() > 0
+    grad_out = grad_output.contiguous() if have_grad_out else None
+    if grad_h_n is not None and grad_h_n.numel() > 0:
+        dh = grad_h_n.to(dtype).contiguous().clone()
+    else:
+        dh = torch.zeros(N, P, dtype=dtype, device=dev)
+    if grad_c_n is not None and grad_c_n.numel() > 0:
+        dc = grad_c_n.to(torch.float32).contiguous().clone()
+    else:
+        dc = torch.zeros(N, H, dtype=torch.float32, device=dev)
+    alloc = torch.zeros if packed else torch.empty
+    dgates = alloc(T, N, 4 * H, dtype=dtype, device=dev)
+    # With projection, dm = dh @ w_hr per step and dh of every step is kept for grad_w_hr.
+    dm = torch.empty(N, H, dtype=dtype, device=dev) if w_hr is not None else None
+    dh_all = torch.zeros(T, N, P, dtype=dtype, device=dev) if w_hr is not None else None
+
+    BLOCK_H = _pow2_block(H, 16, 128)
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        B = rows[t]
+        tp = _prev_step(t, T, reverse)
+        dh_t = dh[:B]
+        if w_hr is not None:
+            # dh_all[t] = dh + grad_output[t]; dm = dh_all[t] @ w_hr.
+            if have_grad_out:
+                torch.add(dh_t, grad_out[t, :B], out=dh_all[t, :B])
+            else:
+                dh_all[t, :B].copy_(dh_t)
+            torch.mm(dh_all[t, :B], w_hr, out=dm[:B])
+            dm_t, fuse_grad_out = dm, False
+        else:
+            dm_t, fuse_grad_out = dh, have_grad_out  # the kernel adds grad_output[t] itself
+        BLOCK_N = _pow2_block(B, 1, max(1, 4096 // BLOCK_H))
+        grid = (triton.cdiv(B, BLOCK_N), triton.cdiv(H, BLOCK_H))
+        _lstm_backward_step[grid](
+            gates[t], cells[t], cells[tp] if tp >= 0 else c0, c0, dm_t,
+            grad_out[t] if fuse_grad_out else dm_t, dc, dgates[t],
+            B, _rows_from_prev(rows, t, tp), H, gates.stride(1), H,
+            HAS_GRAD_OUT=fuse_grad_out, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
+        )  # fmt: skip
+        torch.mm(dgates[t, :B], w_hh, out=dh_t)
+
+    # Everything that does not depend on the recurrence: one GEMM (or reduction) each.
+    dg2d = dgates.view(T * N, 4 * H)
+    empty = torch.empty(0, dtype=dtype, device=dev)
+    grad_input = torch.mm(dg2d, w_ih).view(T, N, I) if compute_input_grad else empty
+    grad_w_ih = torch.mm(dg2d.t(), input.contiguous().view(T * N, I))
+    if packed:
+        h_prev = _previous_states(output, h0.contiguous(), rows, reverse)
+        grad_w_hh = torch.mm(dg2d.t(), h_prev.view(T * N, P))
+    else:
+        # h_prev is the output shifted by one step, h0 at the first step processed: two GEMMs.
+        first = T - 1 if reverse else 0
+        grad_w_hh = torch.mm(dgates[first].t(), h0)
+        if T > 1:
+            out2d = output.view(T * N, P)
+            M = (T - 1) * N
+            dg_rest = dg2d[:M] if reverse else dg2d[N:]
+            h_rest = out2d[N:] if reverse else out2d[:M]
+            grad_w_hh.addmm_(dg_rest.t(), h_rest)
+    grad_bias = dg2d.sum(0) if has_bias else empty
+    grad_w_hr = empty
+    if w_hr is not None:
+        # m = o * tanh(c), recomputed, zero on inactive rows.
+        m_all = gates[:, :, 3 * H :] * torch.tanh(cells)
+        if packed:
+            m_all = m_all.masked_fill(~_active_mask(rows, N, dev), 0.0)
+        grad_w_hr = torch.mm(dh_all.view(T * N, P).t(), m_all.reshape(T * N, H))
+    return grad_input, dh, dc.to(dtype), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
