@@ -1,0 +1,270 @@
+"""Text generation from a seed text with a recurrent language model.
+
+The model's recurrent state is carried from step to step: the prompt is read once, and each new
+token costs one step of the model, never a re-run of the prefix. Any model with
+`forward(tokens [B,T], state) -> (logits [B,T,V], state)` works: LSTMLanguageModel, and its
+quantized or pruned variants.
+
+Decoding: `temperature=0` is greedy; otherwise tokens are sampled from the softmax at that
+temperature, optionally restricted to the `top_k` most likely tokens and/or the smallest set whose
+probability reaches `top_p`. `num_beams > 1` is beam search (deterministic; sampling options are
+ignored). `repetition_penalty > 1` discourages tokens already in the prompt or the output (CTRL's
+rule: positive logits divided, negative multiplied). `stop` strings end a sequence; the returned
+text stops before the first stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt: str | Sequence[str],
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    num_beams: int = 1,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stream: bool = False,
+):
+    """Continue `prompt` (a string, or a list of strings for a batch) and return the new text.
+
+    Returns the continuation only (not the prompt): a string, a list of strings for a list of
+    prompts, or with `stream=True` an iterator of text pieces (one prompt, no beams) whose
+    concatenation is the same continuation. An empty prompt starts from the tokenizer's
+    `bos_id` if it has one, else from a newline.
+    """
+    _validate(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    batched = not isinstance(prompt, str)
+    prompts = list(prompt) if batched else [prompt]
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise TypeError("prompt must be a string or a non-empty list of strings")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, repetition_penalty=repetition_penalty, generator=generator,
+                   stops=stops)
+    if stream:
+        if batched or num_beams > 1:
+            raise ValueError("stream=True takes a single prompt and num_beams=1")
+        return _stream(model, tokenizer, prompts[0], **options)
+    was_training = model.training
+    model.eval()
+    try:
+        if num_beams > 1:
+            texts = [_beam_search(model, tokenizer, p, num_beams, **options) for p in prompts]
+        else:
+            texts = _sample_batch(model, tokenizer, prompts, **options)
+    finally:
+        model.train(was_training)
+    return texts if batched else texts[0]
+
+
+def _validate(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
+        max_new_tokens < 0
+    ):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    ids = list(tokenizer.encode(text))
+    if ids:
+        return ids
+    bos = getattr(tokenizer, "bos_id", None)
+    return [bos] if bos is not None else list(tokenizer.encode("\n"))
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(iter(model.parameters())).device
+
+
+@torch.no_grad()
+def _read_prompt(model, ids: list[int]) -> tuple[torch.Tensor, State]:
+    """Run the prompt once: logits of the next token [V] and the state after it."""
+    tokens = torch.tensor([ids], dtype=torch.long, device=_device(model))
+    logits, state = model(tokens)
+    return logits[0, -1], state
+
+
+@torch.no_grad()
+def _advance(model, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    """One step for a batch: tokens [B] -> next-token logits [B,V], new state."""
+    logits, state = model(tokens.reshape(-1, 1), state)
+    return logits[:, -1], state
+
+
+def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL repetition penalty on the tokens marked in `seen` ([B,V] bool)."""
+    if penalty == 1.0:
+        return logits
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def _choose(logits: torch.Tensor, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """Next token per row of logits [B,V]: greedy at temperature 0 or top_k=1, else sampled."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    positions = [text.find(s) for s in stops if s in text]
+    if not positions:
+        return text, False
+    return text[: min(positions)], True
+
+
+def _sample_batch(model, tokenizer, prompts, *, max_new_tokens, temperature, top_k, top_p,
+                  repetition_penalty, generator, stops) -> list[str]:
+    """Greedy or sampled continuation of every prompt, all advanced together one step at a time."""
+    prompt_ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    if max_new_tokens == 0:
+        return [""] * len(prompts)
+    # Prompts differ in length: read each alone, then stack the states into one batch.
+    firsts = [_read_prompt(model, ids) for ids in prompt_ids]
+    logits = torch.stack([f[0] for f in firsts])
+    state = tuple(torch.cat([f[1][i] for f in firsts], dim=1) for i in range(2))
+    vocab = logits.shape[-1]
+    seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=logits.device)
+    for row, ids in enumerate(prompt_ids):
+        seen[row, torch.tensor(ids, device=logits.device).clamp(0, vocab - 1)] = True
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        tokens = _choose(_penalise(logits, seen, repetition_penalty), temperature, top_k, top_p,
+                         generator)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                outputs[row].append(token)
+                seen[row, token] = True
+                if stops:
+                    done[row] = _cut_at_stop(tokenizer.decode(outputs[row]), stops)[1]
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits, state = _advance(model, tokens, state)
+    return [_cut_at_stop(tokenizer.decode(ids), stops)[0] for ids in outputs]
+
+
+def _stream(model, tokenizer, prompt, *, max_new_tokens, temperature, top_k, top_p,
+            repetition_penalty, generator, stops) -> Iterator[str]:
+    """Yield the continuation piece by piece. Text is released only once it can no longer
+    change: a trailing incomplete character (U+FFFD) or a possible start of a stop string is
+    held back until the next tokens decide it."""
+    was_training = model.training
+    model.eval()
+    try:
+        ids = _prompt_ids(tokenizer, prompt)
+        if max_new_tokens == 0:
+            return
+        logits, state = _read_prompt(model, ids)
+        logits = logits.unsqueeze(0)
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[0, torch.tensor(ids, device=logits.device).clamp(0, logits.shape[-1] - 1)] = True
+        out: list[int] = []
+        emitted = 0
+        for step in range(max_new_tokens):
+            token = _choose(_penalise(logits, seen, repetition_penalty), temperature, top_k,
+                            top_p, generator)
+            out.append(int(token))
+            seen[0, token] = True
+            text, stopped = _cut_at_stop(tokenizer.decode(out), stops)
+            if stopped:
+                break
+            safe = len(text)
+            while safe > emitted and text[safe - 1] == "\ufffd":
+                safe -= 1
+            for s in stops:  # hold back a suffix that could grow into a stop string
+                for k in range(min(len(s) - 1, safe - emitted), 0, -1):
+                    if text[safe - k: safe] == s[:k]:
+                        safe -= k
+                        break
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if step == max_new_tokens - 1:
+                break
+            logits, state = _advance(model, token, state)
+        if len(text) > emitted:
+            yield text[emitted:]
+    finally:
+        model.train(was_training)
+
+
+def _beam_search(model, tokenizer, prompt, num_beams, *, max_new_tokens, temperature, top_k,
+                 top_p, repetition_penalty, generator, stops) -> str:
+    """Keep the `num_beams` continuations of highest total log-probability; a beam that hits a
+    stop string (or the length limit) is finished; the best finished beam wins."""
+    del temperature, top_k, top_p, generator  # beam search is deterministic
+    ids = _prompt_ids(tokenizer, prompt)
+    if max_new_tokens == 0:
+        return ""
+    logits, state = _read_prompt(model, ids)
+    logits = logits.unsqueeze(0)
+    vocab = logits.shape[-1]
+    beams: list[list[int]] = [[]]
+    scores = torch.zeros(1, device=logits.device)
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(max_new_tokens):
+        seen = torch.zeros(len(beams), vocab, dtype=torch.bool, device=logits.device)
+        for row, beam in enumerate(beams):
+            seen[row, torch.tensor(ids + beam, device=logits.device).clamp(0, vocab - 1)] = True
+        log_probs = _penalise(logits, seen, repetition_penalty).float().log_softmax(dim=-1)
+        total = (scores[:, None] + log_probs).flatten()
+        best = torch.topk(total, min(num_beams, total.numel())).indices
+        new_beams, new_scores, parents = [], [], []
+        for index in best.tolist():
+            parent, token = divmod(index, vocab)
+            candidate = beams[parent] + [token]
+            if stops and _cut_at_stop(tokenizer.decode(candidate), stops)[1]:
+                finished.append((float(total[index]), candidate))
+                continue
+            new_beams.append(candidate)
+            new_scores.append(total[index])
+            parents.append(parent)
+        if not new_beams or step == max_new_tokens - 1:
+            finished += [(float(s), b) for s, b in zip(new_scores, new_beams)]
+            break
+        # Keep searching only while an open beam can still beat the best finished one.
+        if finished and max(f[0] for f in finished) >= max(float(s) for s in new_scores):
+            break
+        beams, scores = new_beams, torch.stack(new_scores)
+        index = torch.tensor(parents, device=logits.device)
+        state = tuple(s.index_select(1, index) for s in state)
+        logits, state = _advance(model, torch.tensor([b[-1] for b in beams],
+                                                     device=logits.device), state)
+    best_beam = max(finished, key=lambda f: f[0])[1]
+    return _cut_at_stop(tokenizer.decode(best_beam), stops)[0]
