@@ -333,8 +333,37 @@ inline void tile_range(int64_t tiles, int tid, int nt, int64_t& u0, int64_t& u1)
   u1 = tiles * (tid + 1) / nt;
 }
 
-inline int fused_threads(int64_t tiles) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles)));
+// How the threads of the fused path share the work. With enough rows, each thread takes whole
+// rows (sequences) and all units: rows never interact, so the time loop needs no barrier and no
+// hidden state crosses cores. With few rows (generation, batch 1), threads split the unit tiles
+// instead and meet at one barrier per step.
+struct Split {
+  int threads;
+  bool by_rows;
+};
+
+inline Split fused_split(int64_t N, int64_t tiles) {
+  const int64_t available = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t row_blocks = (N + kTileRows - 1) / kTileRows;
+  if (row_blocks >= 2 && available > 1)
+    return {static_cast<int>(std::min(available, row_blocks)), true};
+  return {static_cast<int>(std::max<int64_t>(1, std::min(available, tiles))), false};
+}
+
+// This thread's unit tiles [u0, u1) and rows [n0, n1) under `split`.
+struct Share {
+  int64_t u0, u1, n0, n1;
+};
+
+inline Share thread_share(const Split& split, int64_t N, int64_t tiles, int tid, int nt) {
+  if (split.by_rows) {
+    const int64_t blocks = (N + kTileRows - 1) / kTileRows;
+    return {0, tiles, std::min(N, blocks * tid / nt * kTileRows),
+            std::min(N, blocks * (tid + 1) / nt * kTileRows)};
+  }
+  int64_t u0, u1;
+  tile_range(tiles, tid, nt, u0, u1);
+  return {u0, u1, 0, N};
 }
 
 // w_hh: [4H,H]  gates: [T,N,4H] input projections in, activated gates out  output: [T,N,H]
@@ -346,27 +375,31 @@ void fused_forward_f32(const float* w_hh, float* gates, float* output, float* ce
   constexpr int W = kUnits;
   const int64_t G = 4 * H, tiles = H / W;
   // w_hh^T packed so the 4 gates of a tile are 4W adjacent columns: wp[k, u*4W + q*W + l]
-  // = w_hh[q*H + u*W + l, k]. Each thread packs the tiles it owns (and only it reads them).
+  // = w_hh[q*H + u*W + l, k]. The threads pack a share of the tiles each.
   Tensor wp_buffer = at::empty({H * G}, at::kFloat);  // every element is written below
   float* wp = wp_buffer.data_ptr<float>();
-#pragma omp parallel num_threads(fused_threads(tiles))
+  const Split split = fused_split(N, tiles);
+#pragma omp parallel num_threads(split.threads)
   {
-    int64_t u0, u1;
-    tile_range(tiles, omp_get_thread_num(), omp_get_num_threads(), u0, u1);
-    alignas(64) float tmp[kTileRows * 4 * W];
-    for (int64_t u = u0; u < u1; ++u)
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t p0, p1;
+    tile_range(tiles, tid, nt, p0, p1);
+    for (int64_t u = p0; u < p1; ++u)
       for (int64_t q = 0; q < 4; ++q) {
         const float* src = w_hh + (q * H + u * W) * H;  // W rows of H
         float* dst = wp + u * 4 * W + q * W;
         for (int64_t k = 0; k < H; ++k)
           for (int l = 0; l < W; ++l) dst[k * G + l] = src[l * H + k];
       }
+#pragma omp barrier
+    const Share my = thread_share(split, N, tiles, tid, nt);
+    alignas(64) float tmp[kTileRows * 4 * W];
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
-      const int64_t B = rows[t];
-      for (int64_t u = u0; u < u1; ++u) {
-        for (int64_t r0 = 0; r0 < B; r0 += kTileRows) {
-          const int R = static_cast<int>(std::min<int64_t>(kTileRows, B - r0));
+      const int64_t n_end = std::min(my.n1, rows[t]);
+      for (int64_t u = my.u0; u < my.u1; ++u) {
+        for (int64_t r0 = my.n0; r0 < n_end; r0 += kTileRows) {
+          const int R = static_cast<int>(std::min<int64_t>(kTileRows, n_end - r0));
           const float* a[kTileRows];
           for (int r = 0; r < R; ++r)
             a[r] = prev_row(output, h0, rows, t, r0 + r, T, N, H, reverse);
@@ -382,7 +415,9 @@ void fused_forward_f32(const float* w_hh, float* gates, float* output, float* ce
           }
         }
       }
+      if (!split.by_rows) {
 #pragma omp barrier
+      }
     }
   }
 }
@@ -396,19 +431,19 @@ void fused_backward_f32(const float* w_hh, const float* gates, const float* cell
                         bool reverse) {
   constexpr int W = kUnits;
   const int64_t G = 4 * H, tiles = H / W;
-#pragma omp parallel num_threads(fused_threads(tiles))
+  const Split split = fused_split(N, tiles);
+#pragma omp parallel num_threads(split.threads)
   {
-    int64_t u0, u1;
-    tile_range(tiles, omp_get_thread_num(), omp_get_num_threads(), u0, u1);
+    const Share my = thread_share(split, N, tiles, omp_get_thread_num(), omp_get_num_threads());
     alignas(64) float tmp[kTileRows * 4 * W];
     alignas(64) float dm[W];
-    // dh_state[:B, own tiles] = dgates[t][:B] @ w_hh[:, own tiles]
+    // dh_state[my rows active at t, my tiles] = dgates[t][those rows] @ w_hh[:, my tiles]
     auto recurrent_grad = [&](int64_t t) {
-      const int64_t B = rows[t];
-      for (int64_t u = u0; u < u1; u += 4) {
-        const int V = static_cast<int>(std::min<int64_t>(4, u1 - u));
-        for (int64_t r0 = 0; r0 < B; r0 += kTileRows) {
-          const int R = static_cast<int>(std::min<int64_t>(kTileRows, B - r0));
+      const int64_t n_end = std::min(my.n1, rows[t]);
+      for (int64_t u = my.u0; u < my.u1; u += 4) {
+        const int V = static_cast<int>(std::min<int64_t>(4, my.u1 - u));
+        for (int64_t r0 = my.n0; r0 < n_end; r0 += kTileRows) {
+          const int R = static_cast<int>(std::min<int64_t>(kTileRows, n_end - r0));
           const float* a[kTileRows];
           for (int r = 0; r < R; ++r) a[r] = dgates + (t * N + r0 + r) * G;
           gemm_tile_any(R, V, a, G, w_hh + u * W, H, tmp);
@@ -422,10 +457,11 @@ void fused_backward_f32(const float* w_hh, const float* gates, const float* cell
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? s : T - 1 - s;
       if (t_done >= 0) recurrent_grad(t_done);
-      for (int64_t n = 0; n < rows[t]; ++n) {
+      const int64_t n_end = std::min(my.n1, rows[t]);
+      for (int64_t n = my.n0; n < n_end; ++n) {
         const int64_t row = t * N + n;
         const float* cprev = prev_row(cells, c0, rows, t, n, T, N, H, reverse);
-        for (int64_t u = u0; u < u1; ++u) {
+        for (int64_t u = my.u0; u < my.u1; ++u) {
           typename Vec::T d = Vec::load(dh_state + n * H + u * W);
           if (grad_output) d = Vec::add(d, Vec::load(grad_output + row * H + u * W));
           Vec::store(dm, d);
@@ -434,7 +470,9 @@ void fused_backward_f32(const float* w_hh, const float* gates, const float* cell
         }
       }
       t_done = t;
+      if (!split.by_rows) {
 #pragma omp barrier
+      }
     }
     recurrent_grad(t_done);
   }
