@@ -1,0 +1,372 @@
+"""Fused cross-entropy ops: softmax cross-entropy with focal modulation, and the linear head fused
+with it (the full [N, V] logits are never held).
+
+Per element (class-index target t, class weights w (1 when None), sample weight s (1 when None)):
+
+    loss = s * ((1 - p_t) ** gamma * CE_smooth + z_loss * logsumexp(x) ** 2)
+    CE_smooth = (1 - eps) * w[t] * (-log p_t) + eps / C * sum_j w[j] * (-log p_j)
+
+and 0 where t == ignore_index. CE_smooth is exactly torch's label-smoothed, class-weighted
+cross-entropy of the element (eps = label_smoothing). **Label smoothing with gamma > 0**: the
+focal factor (1 - p_t) ** gamma, p_t the predicted probability of the target class, multiplies
+the element's whole smoothed cross-entropy, and the gradient includes the derivative of that
+factor. reduction="mean" divides the sum by sum(s * w[t]) over non-ignored elements (torch's
+divisor for weighted cross-entropy; NaN when every target is ignored, as torch), "sum" adds,
+"none" returns one loss per element. With gamma=0, sample_weight=None and z_loss=0 the result
+is torch.nn.functional.cross_entropy's.
+
+Backends: C++ on CPU (float32, float64; bfloat16/float16 are computed in float32 and the loss is
+returned in the input dtype), Triton on CUDA (float32, bfloat16, float16, accumulated in float32).
+Gradients flow to logits / hidden, weight and bias; class weights and sample weights are
+constants (no gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyengine.ops._common import (
+    native,
+    register_autograd,
+    register_cuda_kernel,
+    register_fake,
+    triton_available,
+)
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+
+def _check_float(value, name: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    allowed = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    if value.dtype not in allowed:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), "
+            f"got dtype {value.dtype}"
+        )
+
+
+def _check_options(reduction, label_smoothing, gamma, z_loss, ignore_index) -> int:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if float(gamma) < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if float(z_loss) < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return REDUCTIONS[reduction]
+
+
+def _check_target(target, shape: tuple, name: str = "target") -> torch.Tensor:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must hold class indices (an integer tensor); probability targets are not "
+            f"supported, got dtype {target.dtype}"
+        )
+    if tuple(target.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(target.shape)}")
+    return target.long()
+
+
+def _check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Out-of-range targets raise ValueError (the kernels also bound-check every index)."""
+    if target.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad].flatten()[0])
+        raise ValueError(
+            f"target holds {value}, out of range: targets must be in [0, {num_classes}) or equal "
+            f"ignore_index ({ignore_index})"
+        )
+
+
+def _check_weight(weight, name: str, length: int, ref: torch.Tensor) -> torch.Tensor | None:
+    if weight is None:
+        return None
+    _check_float(weight, name)
+    if tuple(weight.shape) != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(weight.shape)}")
+    if weight.device != ref.device:
+        raise ValueError(f"{name} is on {weight.device} but the input is on {ref.device}")
+    return weight.detach().to(ref.dtype)
+
+
+def _check_sample_weight(sample_weight, shape: tuple, ref: torch.Tensor) -> torch.Tensor | None:
+    if sample_weight is None:
+        return None
+    _check_float(sample_weight, "sample_weight")
+    if tuple(sample_weight.shape) != tuple(shape):
+        raise ValueError(
+            f"sample_weight must have the target's shape {tuple(shape)}, "
+            f"got {tuple(sample_weight.shape)}"
+        )
+    if sample_weight.device != ref.device:
+        raise ValueError(f"sample_weight is on {sample_weight.device} but the input is on "
+                         f"{ref.device}")
+    return sample_weight.detach().reshape(-1).to(ref.dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """CPU kernels run float32/float64; half types are computed in float32 there."""
+    if x.device.type != "cuda" and x.dtype in _LOW_PRECISION:
+        return torch.float32
+    return x.dtype
+
+
+# ---- cross_entropy -------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    sample_weight: torch.Tensor | None = None,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy (focal when gamma > 0) of logits [C], [N,C] or [N,C,d1,...] against class
+    indices [], [N] or [N,d1,...]; a drop-in for torch.nn.functional.cross_entropy at gamma=0.
+
+    weight: class weights [C]. sample_weight: one weight per target element (target's shape).
+    z_loss: coefficient of the per-element logsumexp(logits)**2 penalty. See the module
+    docstring for the exact formula, how label smoothing combines with gamma, and reductions.
+    Targets outside [0, C) other than ignore_index raise ValueError.
+    """
+    _check_float(logits, "logits")
+    code = _check_options(reduction, label_smoothing, gamma, z_loss, ignore_index)
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension (classes), got a scalar")
+    C = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
+    if C == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    if logits.dim() == 1:
+        target_shape = ()
+    else:
+        target_shape = (logits.shape[0], *logits.shape[2:])
+    target = _check_target(target, target_shape)
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
+    _check_target_values(target, C, ignore_index)
+    dtype = _compute_dtype(logits)
+    if logits.dim() == 1:
+        x = logits[None]
+    elif logits.dim() == 2:
+        x = logits
+    else:
+        x = logits.movedim(1, -1).reshape(-1, C)
+    x = x.to(dtype)
+    w = _check_weight(weight, "weight", C, x)
+    s = _check_sample_weight(sample_weight, target_shape, x)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _, _ = native("cross_entropy_forward")(
+        x, target.reshape(-1), w, s, ignore_index, float(label_smoothing), float(gamma),
+        float(z_loss), code, compute_grad,
+    )
+    if code == 0:
+        loss = loss.reshape(target_shape)
+    return loss.to(logits.dtype)
+
+
+@register_fake("cross_entropy_forward")
+def _cross_entropy_forward_fake(logits, target, weight, sample_weight, ignore_index,
+                                label_smoothing, gamma, z_loss, reduction, compute_grad):
+    N = logits.shape[0]
+    loss = logits.new_empty(N) if reduction == 0 else logits.new_empty(())
+    stat = torch.float32 if logits.dtype in _LOW_PRECISION else logits.dtype
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
+    return loss, logits.new_empty(N, dtype=stat), grad
+
+
+@register_fake("cross_entropy_backward")
+def _cross_entropy_backward_fake(grad_loss, logits, target, weight, sample_weight, lse,
+                                 ignore_index, label_smoothing, gamma, z_loss, reduction):
+    return logits.new_empty(logits.shape)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, weight, sample_weight, ignore_index, ls, gamma, z_loss, reduction, cg = inputs
+    _, lse, grad = output
+    ctx.fused = bool(cg)
+    ctx.reduction = reduction
+    ctx.options = (ignore_index, ls, gamma, z_loss, reduction)
+    if ctx.fused:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(logits, target, weight, sample_weight, lse)
+    ctx.mark_non_differentiable(lse, grad)
+
+
+def _ce_backward(ctx, grad_loss, _grad_lse, _grad_grad):
+    if ctx.fused:
+        (grad,) = ctx.saved_tensors
+        scale = grad_loss[:, None] if ctx.reduction == 0 else grad_loss
+        grad_logits = grad * scale.to(grad.dtype)
+    else:
+        logits, target, weight, sample_weight, lse = ctx.saved_tensors
+        grad_logits = native("cross_entropy_backward")(
+            grad_loss, logits, target, weight, sample_weight, lse, *ctx.options
+        )
+    return grad_logits, None, None, None, None, None, None, None, None, None
+
+
+register_autograd("cross_entropy_forward", _ce_backward, _ce_setup_context)
+
+
+# ---- linear_cross_entropy ------------------------------------------------------------------------
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    sample_weight: torch.Tensor | None = None,
+    z_loss: float = 0.0,
+    return_correct: bool = False,
+    chunk_size: int = 0,
+):
+    """cross_entropy(hidden @ weight.T + bias, target, ...) without materialising the logits.
+
+    hidden: [..., H], weight: [V, H], bias: [V], target: [...] (hidden's leading shape),
+    class_weight: [V], sample_weight: target's shape. Rows are processed chunk_size at a time
+    (0 picks about 8M logits per chunk): each chunk's logits, softmax statistics, loss and, for
+    reduction 'mean'/'sum' with gradients needed, the gradients of hidden, weight and bias come
+    from the same pass, so memory is O(chunk x V) on top of the gradients themselves. With
+    reduction='none' the backward recomputes each chunk's logits. return_correct=True also
+    returns the number of non-ignored rows whose argmax class equals the target (int64, 0-d).
+    """
+    _check_float(hidden, "hidden")
+    _check_float(weight, "weight")
+    code = _check_options(reduction, label_smoothing, gamma, z_loss, ignore_index)
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [..., H] and weight [V, H], got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(f"hidden's last dimension must equal weight's ({H}), got "
+                         f"{tuple(hidden.shape)}")
+    if V == 0:
+        raise ValueError("weight must have at least one row (class)")
+    if hidden.device != weight.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}")
+    target_shape = tuple(hidden.shape[:-1])
+    target = _check_target(target, target_shape)
+    if target.device != hidden.device:
+        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+    _check_target_values(target, V, ignore_index)
+    if not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(f"chunk_size must be an int >= 0, got {chunk_size!r}")
+    dtype = _compute_dtype(hidden)
+    h = hidden.reshape(-1, H).to(dtype)
+    W = weight.to(dtype)
+    b = None
+    if bias is not None:
+        _check_float(bias, "bias")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape ({V},), got {tuple(bias.shape)}")
+        b = bias.to(dtype)
+    cw = _check_weight(class_weight, "class_weight", V, h)
+    s = _check_sample_weight(sample_weight, target_shape, h)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    compute_grad = needs_grad and code != 0
+    loss, _, correct, _, _, _ = native("linear_cross_entropy_forward")(
+        h, W, b, target.reshape(-1), cw, s, ignore_index, float(label_smoothing), float(gamma),
+        float(z_loss), code, compute_grad, bool(return_correct), chunk_size,
+    )
+    if code == 0:
+        loss = loss.reshape(target_shape)
+    loss = loss.to(hidden.dtype)
+    return (loss, correct) if return_correct else loss
+
+
+@register_fake("linear_cross_entropy_forward")
+def _linear_cross_entropy_forward_fake(hidden, weight, bias, target, class_weight, sample_weight,
+                                       ignore_index, label_smoothing, gamma, z_loss, reduction,
+                                       compute_grad, count_correct, chunk_size):
+    N = hidden.shape[0]
+    new = hidden.new_empty
+    loss = new(N) if reduction == 0 else new(())
+    stat = torch.float32 if hidden.dtype in _LOW_PRECISION else hidden.dtype
+    return (
+        loss,
+        new(N, dtype=stat),
+        new((), dtype=torch.int64),
+        new(hidden.shape) if compute_grad else new(0),
+        new(weight.shape) if compute_grad else new(0),
+        new(weight.shape[0]) if compute_grad and bias is not None else new(0),
+    )
+
+
+@register_fake("linear_cross_entropy_backward")
+def _linear_cross_entropy_backward_fake(grad_loss, hidden, weight, bias, target, class_weight,
+                                        sample_weight, lse, ignore_index, label_smoothing, gamma,
+                                        z_loss, reduction, chunk_size):
+    new = hidden.new_empty
+    grad_bias = new(weight.shape[0]) if bias is not None else new(0)
+    return new(hidden.shape), new(weight.shape), grad_bias
+
+
+def _lce_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, target, class_weight, sample_weight, ignore_index, ls, gamma, z_loss,
+     reduction, compute_grad, _count, chunk_size) = inputs
+    _, lse, correct, grad_h, grad_w, grad_b = output
+    ctx.fused = bool(compute_grad)
+    ctx.has_bias = bias is not None
+    ctx.options = (ignore_index, ls, gamma, z_loss, reduction, chunk_size)
+    if ctx.fused:
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+    else:
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight, sample_weight, lse)
+    ctx.mark_non_differentiable(lse, correct, grad_h, grad_w, grad_b)
+
+
+def _lce_backward(ctx, grad_loss, *_unused):
+    if ctx.fused:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        g = grad_loss.to(grad_h.dtype)
+        grad_h, grad_w = grad_h * g, grad_w * g
+        grad_b = grad_b * g if ctx.has_bias else None
+    else:
+        hidden, weight, bias, target, class_weight, sample_weight, lse = ctx.saved_tensors
+        grad_h, grad_w, grad_b = native("linear_cross_entropy_backward")(
+            grad_loss, hidden, weight, bias, target, class_weight, sample_weight, lse,
+            *ctx.options,
+        )
+        if not ctx.has_bias:
+            grad_b = None
+    return (grad_h, grad_w, grad_b) + (None,) * 11
+
+
+register_autograd("linear_cross_entropy_forward", _lce_backward, _lce_setup_context)
+
+if torch.version.cuda is not None and triton_available():  # a CUDA build of torch
+    from pyengine.kernels import cross_entropy as _triton_ce
+
+    register_cuda_kernel("cross_entropy_forward", _triton_ce.cross_entropy_forward)
+    register_cuda_kernel("cross_entropy_backward", _triton_ce.cross_entropy_backward)
+    register_cuda_kernel("linear_cross_entropy_forward", _triton_ce.linear_cross_entropy_forward)
+    register_cuda_kernel("linear_cross_entropy_backward",
+                         _triton_ce.linear_cross_entropy_backward)
