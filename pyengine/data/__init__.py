@@ -1,6 +1,29 @@
-"""Data: the embedded default corpus, tokenizers, and truncated-BPTT batching."""
+"""Data: the embedded default corpus, tokenizers, cleaning, datasets and truncated-BPTT batching."""
 
+from pyengine.data.cleaning import clean_text, dedupe_lines, normalize_whitespace
 from pyengine.data.corpus import batchify, default_corpus, iterate_bptt
+from pyengine.data.datasets import (
+    ClassificationDataset,
+    LanguageModelDataset,
+    augment_tokens,
+    class_weights,
+    collate,
+    resample,
+    train_val_test_split,
+)
+from pyengine.data.labelled import (
+    DataFileError,
+    LabelledData,
+    default_classification_task,
+    load_labelled,
+)
+from pyengine.data.text_tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
 from pyengine.data.tokenizers import ByteTokenizer
 
-__all__ = ["ByteTokenizer", "batchify", "default_corpus", "iterate_bptt"]
+__all__ = [
+    "BPETokenizer", "ByteTokenizer", "CharTokenizer", "ClassificationDataset", "DataFileError",
+    "LabelledData", "clean_text", "dedupe_lines", "default_classification_task",
+    "load_labelled", "normalize_whitespace",
+    "LanguageModelDataset", "augment_tokens", "batchify", "class_weights", "collate",
+    "default_corpus", "iterate_bptt", "resample", "tokenizer_from_dict", "train_val_test_split",
+]

@@ -1,0 +1,104 @@
+"""Callbacks and learning-rate schedules: early stopping, warmup + cosine, reduce-on-plateau."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+
+
+class Callback:
+    """Hooks the Trainer calls; override what you need. `trainer.stop = True` ends fit()."""
+
+    def on_train_begin(self, trainer) -> None: ...
+    def on_step_end(self, trainer, logs: dict[str, Any]) -> None: ...
+    def on_epoch_end(self, trainer, logs: dict[str, Any]) -> None: ...
+    def on_train_end(self, trainer) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class EarlyStopping(Callback):
+    """Stop when `monitor` (a key of the epoch logs, e.g. "val_loss") has not improved by more
+    than `min_delta` for `patience` epochs; restore_best puts the best weights back at the end.
+    """
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3,
+                 min_delta: float = 0.0, restore_best: bool = True) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be an int >= 0, got {patience!r}")
+        if min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.min_delta, self.restore_best = float(min_delta), restore_best
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stopped_epoch: int | None = None
+
+    def improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_end(self, trainer, logs: dict[str, Any]) -> None:
+        if self.monitor not in logs:
+            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the epoch logs only "
+                           f"have {sorted(logs)}; pass validation data or change monitor")
+        value = float(logs[self.monitor])
+        if self.improved(value):
+            self.best, self.best_epoch, self.wait = value, logs.get("epoch"), 0
+            if self.restore_best:
+                self.best_state = copy.deepcopy(trainer.unwrapped_model.state_dict())
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.stopped_epoch = logs.get("epoch")
+                trainer.stop = True
+
+    def on_train_end(self, trainer) -> None:
+        if self.restore_best and self.best_state is not None:
+            trainer.unwrapped_model.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+                "best_state": self.best_state, "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.wait, self.best_state = state["wait"], state["best_state"]
+        self.stopped_epoch = state["stopped_epoch"]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 over `warmup_steps`, then cosine decay to min_lr_ratio * lr at
+    `total_steps` (stepped once per optimizer step)."""
+    if warmup_steps < 0 or total_steps < 1 or warmup_steps > total_steps:
+        raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, got "
+                         f"warmup_steps={warmup_steps}, total_steps={total_steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def reduce_on_plateau(optimizer: torch.optim.Optimizer, mode: str = "min", factor: float = 0.5,
+                      patience: int = 1, **kw) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """torch's ReduceLROnPlateau; the Trainer steps it once per epoch with the monitored value."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=mode, factor=factor, patience=patience, **kw)
