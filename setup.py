@@ -46,6 +46,15 @@ def cpu_has_avx512() -> bool:
         return " avx512f" in f.read()
 
 
+def cpu_has_avx512_vnni() -> bool:
+    """AVX-512 BW/VL/VNNI on the build machine (the int8 GEMM then uses vpdpbusd)."""
+    if not cpu_has_avx512():
+        return False
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    return all(f" {x}" in flags for x in ("avx512bw", "avx512vl", "avx512_vnni"))
+
+
 def cuda_build_possible() -> bool:
     """CUDA C++ is built only with a CUDA torch and nvcc present."""
     if os.environ.get("PYENGINE_NO_CUDA", "0") == "1":
@@ -58,6 +67,8 @@ if cpu_has_avx2():
     cxx_flags += ["-mavx2", "-mfma", "-mf16c"]
     if cpu_has_avx512():
         cxx_flags += ["-mavx512f"]
+        if cpu_has_avx512_vnni():
+            cxx_flags += ["-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
@@ -88,6 +99,7 @@ setup(
         "pyengine.models",
         "pyengine.data",
         "pyengine.kernels",
+        "pyengine.compress",
     ],
     package_dir={"pyengine": "pyengine", "pyengine.kernels": "kernels"},
     ext_modules=[extension],

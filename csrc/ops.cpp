@@ -24,4 +24,62 @@ TORCH_LIBRARY(pyengine, m) {
       "bool compute_input_grad) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+
+  // ---- gradient clipping (multi-tensor: one pass over all tensors) ---------------------------
+  // Per-tensor norms of every tensor in one pass: a 1-D tensor [len(tensors)], float64 when any
+  // tensor is float64, else float32 (accumulated in float64 on CPU, float32 on CUDA), on the
+  // tensors' device. norm_type: any p (inf, -inf, 0 and negative p as torch.linalg.vector_norm).
+  m.def("grad_norms(Tensor[] tensors, float norm_type) -> Tensor");
+  // tensors[i] *= coef (a one-element tensor on the tensors' device, read on device: no sync).
+  m.def("scale_grads_(Tensor(a!)[] tensors, Tensor coef) -> ()");
+  // tensors[i].clamp_(-clip_value, clip_value), NaN kept.
+  m.def("clamp_grads_(Tensor(a!)[] tensors, float clip_value) -> ()");
+
+  // ---- cross-entropy family (csrc/cpu/cross_entropy.cpp, kernels/cross_entropy.py) ----------
+  // logits: [N,C]  target: int64 [N] (in [0,C) or ignore_index; anything else is an error)
+  // weight: [C] class weights  sample_weight: [N]  reduction: 0 none, 1 mean, 2 sum
+  // Per element: s * ((1-p_t)^gamma * smoothed_ce + z_loss * lse^2), 0 where ignored; mean
+  // divides by sum of s*w[t] over non-ignored elements (torch's divisor).
+  // Returns loss ([N] for none, else a 0-d tensor), lse [N] (logsumexp per row; 0 where
+  // ignored) and, when compute_grad (reduction mean/sum only on CUDA), d loss / d logits [N,C]
+  // (else an empty tensor).
+  m.def(
+      "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor? sample_weight, int ignore_index, float label_smoothing, float gamma, "
+      "float z_loss, int reduction, bool compute_grad) "
+      "-> (Tensor loss, Tensor lse, Tensor grad_logits)");
+  // d loss / d logits recomputed from the logits; grad_loss: [N] (none) or a scalar. lse is the
+  // forward's (shape-checked; the row statistics are recomputed, for precision at large logits).
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor? sample_weight, Tensor lse, int ignore_index, float label_smoothing, float gamma, "
+      "float z_loss, int reduction) -> Tensor");
+  // Loss of logits = hidden [N,H] @ weight[V,H]^T + bias[V], chunk_size rows at a time (0: auto),
+  // never the whole [N,V]. compute_grad (mean/sum only): the gradients of the reduced loss for
+  // hidden, weight and bias come from the same pass (empty tensors otherwise / without bias).
+  // correct: int64 0-d, number of rows whose argmax equals the target (when count_correct).
+  m.def(
+      "linear_cross_entropy_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor? class_weight, Tensor? sample_weight, int ignore_index, float label_smoothing, "
+      "float gamma, float z_loss, int reduction, bool compute_grad, bool count_correct, "
+      "int chunk_size) -> (Tensor loss, Tensor lse, Tensor correct, Tensor grad_hidden, "
+      "Tensor grad_weight, Tensor grad_bias)");
+  // Gradients recomputed chunk by chunk (logits and row statistics); grad_loss: [N] (none) or a
+  // scalar; lse as in cross_entropy_backward.
+  // grad_bias is empty without bias.
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, "
+      "Tensor? bias, Tensor target, Tensor? class_weight, Tensor? sample_weight, Tensor lse, "
+      "int ignore_index, float label_smoothing, float gamma, float z_loss, int reduction, "
+      "int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- int8 linear (csrc/cpu/int8.cpp, kernels/int8.py) --------------------------------------
+  // qweight: int8 [N,K] (symmetric per-row quantized) -> the backend's packed layout (CPU: 1-D
+  // panels of 16 columns x 4 k; CUDA: the [N,K] weight itself) and wsum int32 (per-column sums).
+  m.def("int8_pack_weight(Tensor qweight) -> (Tensor packed, Tensor wsum)");
+  // x: float32 [M,K]; scale: float32 [N]; bias: float32 [N]. act 0: dynamic per-row int8
+  // quantization of x (W8A8), 1: weight-only. raw (act 0 only): the int32 accumulators [M,N].
+  m.def(
+      "int8_linear(Tensor x, Tensor packed, Tensor wsum, Tensor scale, Tensor? bias, "
+      "int out_features, int act, bool raw) -> Tensor");
 }

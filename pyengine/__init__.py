@@ -2,12 +2,28 @@
 
 from pyengine import (
     _extension,  # noqa: F401  (loads the native ops first, with a clear error)
+    data,
     nn,
     ops,
 )
-from pyengine.models import LSTMLanguageModel
+from pyengine.compress import quantize
+from pyengine.models import LSTMClassifier, LSTMLanguageModel
+from pyengine.nn.utils import clip_grad_norm_, clip_grad_value_, grad_norms
 from pyengine.patch import patch
+from pyengine.train import Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTMLanguageModel", "data", "nn", "ops", "patch"]
+__all__ = [
+    "LSTMClassifier",
+    "LSTMLanguageModel",
+    "Trainer",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "data",
+    "grad_norms",
+    "nn",
+    "ops",
+    "patch",
+    "quantize",
+]

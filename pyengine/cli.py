@@ -8,6 +8,7 @@ Each subcommand is one `_add_<name>_parser` function (its options) and one `cmd_
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
 import sys
 import time
@@ -197,11 +198,171 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# train / finetune / evaluate (the logic lives in pyengine.train.recipes)
+
+
+def _optional_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _add_common_training_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by train and finetune. Their defaults are None: a value not given on the
+    command line comes from --config, then from pyengine.train.recipes' defaults."""
+    add = parser.add_argument
+    add("--data", help="training data file (text for an LM; CSV/JSONL for classification) or "
+        "'default' for the embedded default (the default)")
+    add("--config", help="YAML or TOML file of options (keys = option names); flags win")
+    add("--output-dir", help="where checkpoints, logs and result.json go (required)")
+    add("--seed", type=int)
+    add("--epochs", type=_positive_int)
+    add("--max-steps", type=_positive_int)
+    add("--lr", type=_optional_float)
+    add("--weight-decay", type=_optional_float, help="L2 through AdamW's weight decay")
+    add("--l1", type=_optional_float, help="L1 penalty on the weights")
+    add("--grad-clip", type=_optional_float, help="max gradient norm (1.0)")
+    add("--accumulation-steps", type=_positive_int)
+    add("--scheduler", choices=["warmup_cosine", "plateau"])
+    add("--warmup-steps", type=_non_negative_int)
+    add("--batch-size", type=_positive_int)
+    add("--seq-len", type=_positive_int)
+    add("--val-fraction", type=_optional_float)
+    add("--max-chars", type=_positive_int, help="use only the first N characters of the text")
+    add("--patience", type=_non_negative_int, help="early stopping patience (off by default)")
+    add("--min-delta", type=_optional_float)
+    add("--checkpoint-every", type=_positive_int, help="checkpoint every N optimizer steps")
+    add("--threads", type=_positive_int)
+    add("--on-error", choices=["raise", "skip"],
+        help="bad data lines (invalid UTF-8, bad label...): refuse (default) or skip")
+    for flag, what in (("--resume", "continue from OUTPUT_DIR/last.pt"),
+                       ("--progress", "show a progress bar"),
+                       ("--mixed-precision", "autocast where the device supports it"),
+                       ("--clean", "NFKC, control characters and whitespace cleaning"),
+                       ("--lower", "lower-case the text"),
+                       ("--dedupe", "drop repeated lines (LM text)")):
+        add(flag, action="store_const", const=True, help=what)
+    add("--no-tensorboard", dest="tensorboard", action="store_const", const=False)
+
+
+def _add_train_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="train an LSTM language model on a text file or the embedded default",
+        description="Train an LSTMLanguageModel; writes OUTPUT_DIR/{last.pt,model.pt,"
+        "metrics.jsonl,tensorboard/,result.json}.")
+    _add_common_training_options(parser)
+    parser.add_argument("--tokenizer", choices=["byte", "char", "bpe"])
+    parser.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary (1000)")
+    parser.add_argument("--embed", type=_positive_int)
+    parser.add_argument("--hidden", type=_positive_int)
+    parser.add_argument("--layers", type=_positive_int)
+    parser.add_argument("--dropout", type=_optional_float)
+    parser.add_argument("--tie-weights", action="store_const", const=True)
+    return parser
+
+
+def _add_finetune_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "finetune", help="start from an LM checkpoint: train a classifier (CSV/JSONL or the "
+        "embedded task) or continue the LM on a domain corpus",
+        description="Fine-tune from a language-model checkpoint (--from). --task classify "
+        "(default) trains an LSTMClassifier on (text, label) data with a seeded "
+        "train/validation/test split and prints the test report; --task lm fine-tunes the LM.")
+    _add_common_training_options(parser)
+    add = parser.add_argument
+    add("--from", dest="from_checkpoint", metavar="CKPT", help="LM checkpoint (model.pt)")
+    add("--task", choices=["classify", "lm"])
+    add("--loss", choices=["cross_entropy", "focal"])
+    add("--gamma", type=_optional_float, help="focal loss gamma (2.0)")
+    add("--label-smoothing", type=_optional_float)
+    add("--class-weights", action="store_const", const=True,
+        help="weight the loss by inverse class frequency")
+    add("--resample", choices=["over", "under"], help="balance the training classes")
+    add("--freeze-embedding", action="store_const", const=True)
+    add("--freeze-layers", type=_non_negative_int, help="freeze the N lowest LSTM layers")
+    add("--pooling", choices=["last", "mean", "max"])
+    add("--dropout", type=_optional_float)
+    add("--augment-drop", type=_optional_float, help="random token drop probability")
+    add("--augment-swap", type=_optional_float, help="random neighbour swap probability")
+    add("--text-field")
+    add("--label-field")
+    add("--labels", help="comma-separated known labels (others are bad lines)")
+    add("--test-fraction", type=_optional_float)
+    add("--max-len", type=_positive_int, help="tokens kept per example (256)")
+    add("--max-examples", type=_positive_int, help="size of the embedded task (2000)")
+    return parser
+
+
+def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "evaluate", help="evaluate a saved model on a data file or the embedded default",
+        description="LM: loss, perplexity, token accuracy. Classifier: accuracy, precision, "
+        "recall, F1 (macro/micro/weighted, per class), confusion matrix, worst examples.")
+    add = parser.add_argument
+    add("--model", help="model checkpoint (model.pt or last.pt)")
+    add("--data", help="data file or 'default'")
+    add("--config", help="YAML or TOML file of options")
+    add("--output", help="also write the result as JSON here")
+    add("--output-dir", help="write result.json into this directory")
+    add("--batch-size", type=_positive_int)
+    add("--seq-len", type=_positive_int)
+    add("--worst", type=_non_negative_int, help="worst examples to list (5)")
+    add("--labels", help="comma-separated labels (default: the model's own)")
+    add("--on-error", choices=["raise", "skip"])
+    add("--text-field")
+    add("--label-field")
+    add("--max-len", type=_positive_int)
+    add("--max-chars", type=_positive_int)
+    add("--max-examples", type=_positive_int)
+    return parser
+
+
+def _run_recipe(args: argparse.Namespace, name: str) -> int:
+    from pyengine.train import recipes
+
+    defaults = {"train": recipes.TRAIN, "finetune": recipes.FINETUNE,
+                "evaluate": recipes.EVALUATE}[name]
+    flags = {k: v for k, v in vars(args).items() if not k.startswith("_")
+             and k not in ("command", "config")}
+    if name == "evaluate":
+        out_dir = flags.pop("output_dir", None)
+        if out_dir is not None and flags.get("output") is None:
+            flags["output"] = str(pathlib.Path(out_dir) / "result.json")
+    try:
+        file_cfg = recipes.load_config_file(args.config) if args.config else None
+        cfg = recipes.resolve(defaults, file_cfg, flags)
+        run = {"train": recipes.train_lm, "finetune": recipes.finetune,
+               "evaluate": recipes.evaluate}[name]
+        result = run(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"pyengine {name}: error: {exc}", file=sys.stderr)
+        return 2
+    print(recipes.format_result(result))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _run_recipe(args, "train")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    return _run_recipe(args, "finetune")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    return _run_recipe(args, "evaluate")
+
+
+# --------------------------------------------------------------------------------------------
 # entry point
 
 # name -> (add its parser, run it)
 COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "demo": (_add_demo_parser, cmd_demo),
+    "train": (_add_train_parser, cmd_train),
+    "finetune": (_add_finetune_parser, cmd_finetune),
+    "evaluate": (_add_evaluate_parser, cmd_evaluate),
 }
 
 

@@ -21,6 +21,17 @@ def _lstm_cell_from_torch(module: nn.LSTMCell) -> pnn.LSTMCell:
     return _adopt(new, module)
 
 
+def _cross_entropy_from_torch(module: nn.CrossEntropyLoss) -> pnn.CrossEntropyLoss:
+    """Same options and the very same `weight` buffer (torch's legacy size_average/reduce are
+    already folded into module.reduction)."""
+    new = pnn.CrossEntropyLoss(
+        weight=module.weight, ignore_index=module.ignore_index, reduction=module.reduction,
+        label_smoothing=module.label_smoothing,
+    )
+    new.train(module.training)
+    return new
+
+
 def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     """Give `new` the same Parameter objects as `old`, so optimizers keep working."""
     for name, param in old.named_parameters(recurse=False):
@@ -32,11 +43,13 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
 _SWAPS = {
     nn.LSTM: _lstm_from_torch,
     nn.LSTMCell: _lstm_cell_from_torch,
+    nn.CrossEntropyLoss: _cross_entropy_from_torch,
 }
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Replace every torch.nn.LSTM / LSTMCell inside `model` (or `model` itself) with ours.
+    """Replace every torch.nn.LSTM / LSTMCell / CrossEntropyLoss inside `model` (or `model`
+    itself) with ours.
 
     The replacement shares the original Parameter objects (no copy: an optimizer built before
     the patch still updates them) and matches torch's outputs to float tolerance. Returns the

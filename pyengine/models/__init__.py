@@ -1,5 +1,6 @@
 """The running-example models."""
 
+from pyengine.models.classifier import LSTMClassifier
 from pyengine.models.language_model import LSTMLanguageModel
 
-__all__ = ["LSTMLanguageModel"]
+__all__ = ["LSTMClassifier", "LSTMLanguageModel"]

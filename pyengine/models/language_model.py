@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pyengine.nn import LSTM
+from pyengine.ops import linear_cross_entropy
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -48,15 +49,36 @@ class LSTMLanguageModel(nn.Module):
             self.head.weight = self.embedding.weight
 
     def forward(
-        self, tokens: torch.Tensor, state: State | None = None
+        self,
+        tokens: torch.Tensor,
+        state: State | None = None,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> tuple[torch.Tensor, State]:
-        """tokens: [B,T] int64 -> logits [B,T,V], (h_n, c_n)."""
+        """tokens: [B,T] int64 -> logits [B,T,V], (h_n, c_n).
+
+        With targets ([B,T] int64 next tokens, ignore_index for padding) it returns
+        (loss, (h_n, c_n)) instead: the mean cross-entropy computed by
+        pyengine.ops.linear_cross_entropy straight from the hidden states and the head's
+        weight, never materialising the [B,T,V] logits.
+        """
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(
                 f"tokens must be a 2-D int64 tensor [batch, time], got {tokens.dtype} "
                 f"of shape {tuple(tokens.shape)}"
             )
         hidden, state = self.lstm(self.dropout(self.embedding(tokens)), state)
+        if targets is not None:
+            if tuple(targets.shape) != tuple(tokens.shape):
+                raise ValueError(
+                    f"targets must have the tokens' shape {tuple(tokens.shape)}, "
+                    f"got {tuple(targets.shape)}"
+                )
+            loss = linear_cross_entropy(
+                self.dropout(hidden), self.head.weight, targets, bias=self.head.bias,
+                ignore_index=ignore_index,
+            )
+            return loss, state
         return self.head(self.dropout(hidden)), state
 
     @torch.no_grad()

@@ -1,5 +1,17 @@
 """Drop-in modules over pyengine's fused ops."""
 
+from pyengine.nn import utils
+from pyengine.nn.loss import CrossEntropyLoss, FocalLoss, LinearCrossEntropyLoss
 from pyengine.nn.lstm import LSTM, LSTMCell
+from pyengine.nn.quantized import Int8Linear, QuantizedLSTM
 
-__all__ = ["LSTM", "LSTMCell"]
+__all__ = [
+    "CrossEntropyLoss",
+    "FocalLoss",
+    "Int8Linear",
+    "LSTM",
+    "LSTMCell",
+    "LinearCrossEntropyLoss",
+    "QuantizedLSTM",
+    "utils",
+]

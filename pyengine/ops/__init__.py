@@ -1,6 +1,16 @@
 """The functional ops: validation, backend choice, autograd and fake registration."""
 
 from pyengine.ops import reference
+from pyengine.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from pyengine.ops.int8 import int8_linear, quantize_per_channel
 from pyengine.ops.lstm import lstm, lstm_layer
 
-__all__ = ["lstm", "lstm_layer", "reference"]
+__all__ = [
+    "cross_entropy",
+    "int8_linear",
+    "linear_cross_entropy",
+    "lstm",
+    "lstm_layer",
+    "quantize_per_channel",
+    "reference",
+]

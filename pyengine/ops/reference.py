@@ -31,3 +31,137 @@ def lstm_layer(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch
         c = torch.cat([c_new, c[B:]])
         outputs[t] = torch.cat([h_new, h_new.new_zeros(N - B, h_new.shape[1])])
     return torch.stack(outputs), h, c
+
+
+# ---- gradient clipping ---------------------------------------------------------------------------
+
+
+def grad_norms(tensors, norm_type=2.0):
+    """Reference of the grad_norms op: torch.linalg.vector_norm of each tensor, one per call."""
+    return torch.stack([torch.linalg.vector_norm(t, float(norm_type)) for t in tensors])
+
+
+def clip_grad_norm_(grads, max_norm, norm_type=2.0):
+    """Reference of clip_grad_norm_ on a list of gradients: torch's formula, one tensor at a time.
+
+    total = ||(||g_i||_p)_i||_p;  g_i *= min(max_norm / (total + 1e-6), 1). Returns total.
+    """
+    grads = list(grads)
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(grad_norms(grads, norm_type), float(norm_type))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+def clip_grad_value_(grads, clip_value):
+    """Reference of clip_grad_value_ on a list of gradients."""
+    for g in grads:
+        g.clamp_(min=-clip_value, max=clip_value)
+
+
+# ---- cross-entropy family ------------------------------------------------------------------------
+
+
+def _ce_rows(x, t, weight, ignore_index, label_smoothing, gamma, sample_weight, z_loss):
+    """Per-row loss [N] and mean divisor of 2-D logits x [N,C], targets t [N] (reference)."""
+    C = x.shape[1]
+    valid = t != ignore_index
+    tc = torch.where(valid, t, torch.zeros_like(t))
+    logp = torch.log_softmax(x, dim=1)
+    lse = torch.logsumexp(x, dim=1)
+    logp_t = logp.gather(1, tc[:, None])[:, 0]
+    w = weight if weight is not None else x.new_ones(C)
+    w_t = w[tc]
+    loss = (1 - label_smoothing) * w_t * (-logp_t)
+    if label_smoothing > 0:
+        loss = loss + label_smoothing / C * (-(logp * w).sum(dim=1))
+    if gamma > 0:
+        loss = (-torch.expm1(logp_t)) ** gamma * loss
+    if z_loss:
+        loss = loss + z_loss * lse**2
+    s = sample_weight.reshape(-1).to(x.dtype) if sample_weight is not None else None
+    if s is not None:
+        loss = loss * s
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    divisor_terms = w_t * s if s is not None else w_t
+    divisor = torch.where(valid, divisor_terms, torch.zeros_like(divisor_terms)).sum()
+    return loss, divisor
+
+
+def _reduce(loss, divisor, reduction, shape):
+    if reduction == "none":
+        return loss.reshape(shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / divisor
+
+
+def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, gamma=0.0, sample_weight=None, z_loss=0.0):
+    """Reference of ops.cross_entropy (class-index targets; logits [C], [N,C] or [N,C,d1,...]).
+
+    Per element: s * ((1 - p_t)**gamma * CE_smooth + z_loss * logsumexp**2), where CE_smooth is
+    torch's label-smoothed, class-weighted cross-entropy of the element; 0 where ignored. mean
+    divides by the sum of s * weight[t] over non-ignored elements.
+    """
+    if logits.dim() == 1:
+        x, t = logits[None], target.reshape(1)
+    else:
+        x = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+        t = target.reshape(-1)
+    loss, divisor = _ce_rows(x, t, weight, ignore_index, label_smoothing, gamma, sample_weight,
+                             z_loss)
+    return _reduce(loss, divisor, reduction, target.shape)
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, class_weight=None, ignore_index=-100,
+                         reduction="mean", label_smoothing=0.0, gamma=0.0, sample_weight=None,
+                         z_loss=0.0):
+    """Reference of ops.linear_cross_entropy: cross_entropy of hidden @ weight.T + bias."""
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    loss, divisor = _ce_rows(logits, target.reshape(-1), class_weight, ignore_index,
+                             label_smoothing, gamma, sample_weight, z_loss)
+    return _reduce(loss, divisor, reduction, target.shape)
+
+
+def quantize_per_channel(w):
+    """Reference of ops.quantize_per_channel: symmetric int8 per row, scale = max|row| / 127."""
+    w = w.float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_rows(x):
+    """Dynamic per-row quantization of x [M,K] float32 (as int8_linear's act="dynamic"):
+    (xq int8 [M,K], sx float32 [M])."""
+    return quantize_per_channel(x)
+
+
+def int8_linear_int32(x, qweight):
+    """The exact integer product of int8_linear(act="dynamic") before its float epilogue:
+    int32 [..., N] = quantize_rows(x) @ qweight^T, computed in int64 then narrowed."""
+    K = qweight.shape[1]
+    xq, _ = quantize_rows(x.reshape(-1, K))
+    acc = xq.long() @ qweight.long().t()
+    return acc.to(torch.int32).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def int8_linear(x, qweight, scale, bias=None, act="dynamic"):
+    """Reference of ops.int8_linear in float64 (dequantized epilogue of the integer product)."""
+    K = qweight.shape[1]
+    x2 = x.reshape(-1, K)
+    if act == "dynamic":
+        xq, sx = quantize_rows(x2)
+        acc = (xq.long() @ qweight.long().t()).double()
+        out = acc * (sx.double()[:, None] * scale.double()[None, :])
+    else:
+        out = x2.double() @ (qweight.double() * scale.double()[:, None]).t()
+    if bias is not None:
+        out = out + bias.double()
+    return out.reshape(*x.shape[:-1], qweight.shape[0])
