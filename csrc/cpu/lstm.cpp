@@ -151,9 +151,12 @@ inline void backward_units(const T* act, const T* cell, const T* cprev, const T*
 }
 
 // Rows per parallel chunk: enough work per thread to pay for the fork.
-// Up to this batch x hidden the fused path wins over per-step library GEMMs (measured with
-// bench/bench_lstm.py on a 2-core AVX2 machine).
-constexpr int64_t kFusedMaxBatchTimesHidden = 8192;
+// Where the fused path wins over per-step library GEMMs (bench/tune_lstm_path.py on a 2-core
+// AVX-512 machine): whenever w_hh fits in about 1 MiB (H <= 256, every batch tried up to 64), and
+// for larger H only while the batch is tiny; beyond that MKL's blocking of the big recurrent GEMM
+// beats our register tiles streaming a weight that no longer fits in cache.
+constexpr int64_t kFusedMaxWeightBytes = int64_t(1) << 20;
+constexpr int64_t kFusedMaxBatchTimesHidden = 2048;
 
 inline int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)); }
 
@@ -488,7 +491,7 @@ bool use_fused_path(const Tensor& input, bool has_proj, int64_t N, int64_t H) {
   const char* forced = std::getenv("PYENGINE_LSTM_PATH");
   if (forced && std::string(forced) == "fused") return true;
   if (forced && std::string(forced) == "gemm") return false;
-  return N * H <= kFusedMaxBatchTimesHidden;
+  return 16 * H * H <= kFusedMaxWeightBytes || N * H <= kFusedMaxBatchTimesHidden;
 #else
   (void)input; (void)has_proj; (void)N; (void)H;
   return false;
