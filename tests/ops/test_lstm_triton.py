@@ -14,8 +14,7 @@ if not torch.cuda.is_available():
 
 from pyengine.kernels import lstm as triton_lstm  # noqa: E402  (also registers the C++ ops)
 
-if not triton_lstm.is_available():  # pragma: no cover
-    pytest.skip("triton is not installed", allow_module_level=True)
+assert triton_lstm.is_available(), "triton is a dependency of pyengine"
 
 FORWARD = torch.ops.pyengine.lstm_layer_forward.default
 BACKWARD = torch.ops.pyengine.lstm_layer_backward.default
