@@ -20,6 +20,7 @@ from torch import nn
 
 import pyengine
 from pyengine.data import ByteTokenizer, batchify, default_corpus, iterate_bptt
+from pyengine.generate import generate
 from pyengine.models import LSTMLanguageModel
 
 
@@ -72,21 +73,34 @@ def _add_demo_parser(subparsers) -> argparse.ArgumentParser:
 
 
 class _LMTrainer:
-    """One model's training run: Adam lr 3e-3, cross-entropy, LSTM state carried (detached)."""
+    """One model's training run: Adam lr 3e-3, gradients clipped to norm 1, state carried.
 
-    def __init__(self, model: LSTMLanguageModel, lr: float = 3e-3) -> None:
+    `fused=True` is the whole engine: the loss comes from the model's fused vocabulary head
+    (linear_cross_entropy, no logits held) and clipping is pyengine's one-pass kernel;
+    `fused=False` is the plain PyTorch recipe (logits, F.cross_entropy, clip_grad_norm_).
+    """
+
+    def __init__(self, model: LSTMLanguageModel, lr: float = 3e-3, fused: bool = False) -> None:
         self.model = model.train()
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.fused = fused
         self.state = None
         self.losses: list[float] = []
         self.speeds: list[float] = []  # tokens/s of each step
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         start = time.perf_counter()
-        logits, state = self.model(inputs, self.state)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if self.fused:
+            loss, state = self.model(inputs, self.state, targets=targets)
+        else:
+            logits, state = self.model(inputs, self.state)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.fused:
+            pyengine.clip_grad_norm_(self.model.parameters(), 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.state = tuple(s.detach() for s in state)  # truncated BPTT: keep values, cut graph
         self.losses.append(loss.item())
@@ -121,23 +135,6 @@ def _train_side_by_side(
             print(f"  step {step:4d}/{steps}  " + "  |  ".join(parts), flush=True)
 
 
-@torch.no_grad()
-def _greedy_generate(
-    model: LSTMLanguageModel, tokenizer: ByteTokenizer, prompt: str, length: int
-) -> str:
-    """Feed `prompt`, then take the most likely next byte `length` times, one step at a time."""
-    model.eval()
-    ids = tokenizer.encode(prompt)
-    logits, state = model(torch.tensor([ids], dtype=torch.long))
-    logits = logits[:, -1]
-    out = list(ids)
-    for _ in range(length):
-        token = logits.argmax(dim=-1)
-        out.append(int(token))
-        logits, state = model.step(token, state)
-    return tokenizer.decode(out)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -170,10 +167,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"corpus: pydoc_data help topics, {len(text):,} chars -> {ids.numel():,} byte tokens; "
         f"batch {args.batch_size} x seq-len {args.seq_len}, {args.steps} steps, "
-        f"Adam lr 3e-3, {torch.get_num_threads()} threads"
+        f"Adam lr 3e-3, gradients clipped to norm 1, {torch.get_num_threads()} threads"
+    )
+    print(
+        "pyengine: fused LSTM, loss fused with the vocabulary head (no logits held), one-pass "
+        "clipping | torch: torch.nn.LSTM, logits + F.cross_entropy, clip_grad_norm_"
     )
 
-    trainers = {"pyengine": _LMTrainer(ours), "torch": _LMTrainer(reference)}
+    trainers = {"pyengine": _LMTrainer(ours, fused=True), "torch": _LMTrainer(reference)}
     print("training both, alternating steps on the same windows:", flush=True)
     _train_side_by_side(trainers, stream, args.steps, args.seq_len)
 
@@ -193,7 +194,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(f"greedy generation (pyengine model, {args.generate} bytes from {args.prompt!r}):")
     # repr: keeps whitespace and control bytes visible (an undertrained model emits many)
-    print(repr(_greedy_generate(ours, tokenizer, args.prompt, args.generate)))
+    continuation = generate(ours, tokenizer, args.prompt, args.generate, temperature=0)
+    print(repr(args.prompt + continuation))
     return 0
 
 
