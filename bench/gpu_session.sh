@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One pass over every GPU path, for a session that has an NVIDIA GPU: build against the machine's
+# CUDA torch, run the Triton kernels' tests on CUDA tensors (no interpreter), then benchmark each
+# family on CUDA. Prints everything; writes RESULTS.md sections for the cuda device where a
+# script supports it. Usage: bash bench/gpu_session.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+QUICK=${1:-}
+
+$PY - <<'PYEOF' || exit 1
+import torch
+assert torch.cuda.is_available(), "no CUDA device visible to torch"
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+PYEOF
+
+# Build in place (no isolated env: use the machine's torch), CUDA C++ included where present.
+$PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+
+# Correctness of every GPU path on the device.
+TRITON_INTERPRET=0 $PY -m pytest -q -x \
+  tests/ops/test_lstm_triton.py tests/ops/test_cross_entropy.py tests/ops/test_clip.py \
+  tests/ops/test_int8.py 2>&1 | tail -15
+
+# Module-level drop-in checks on CUDA against cuDNN.
+$PY - <<'PYEOF'
+import torch, pyengine
+torch.manual_seed(0)
+for kw in [dict(), dict(num_layers=2, bidirectional=True), dict(proj_size=8, num_layers=2)]:
+    ref = torch.nn.LSTM(32, 64, **kw).cuda()
+    ours = pyengine.nn.LSTM(32, 64, **kw).cuda()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(20, 7, 32, device="cuda", requires_grad=True)
+    a, b = ours(x)[0], ref(x)[0]
+    ga = torch.autograd.grad(a.sum(), [x, *ours.parameters()])
+    gb = torch.autograd.grad(b.sum(), [x, *ref.parameters()])
+    err = max([(a - b).abs().max().item()] + [(p - q).abs().max().item() for p, q in zip(ga, gb)])
+    print("nn.LSTM cuda vs cuDNN", kw, "max abs diff", f"{err:.2e}")
+PYEOF
+
+for script in bench/bench_lstm.py bench/bench_cross_entropy.py bench/bench_clip.py \
+              bench/bench_int8.py; do
+  echo "== $script"
+  if $PY "$script" --help 2>/dev/null | grep -q -- "--device"; then
+    timeout 300 $PY "$script" --device cuda $QUICK
+  else
+    timeout 300 $PY "$script" $QUICK
+  fi
+done
