@@ -54,13 +54,18 @@ class LSTMLanguageModel(nn.Module):
         state: State | None = None,
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
+        reduction: str = "mean",
+        class_weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        gamma: float = 0.0,
+        z_loss: float = 0.0,
     ) -> tuple[torch.Tensor, State]:
         """tokens: [B,T] int64 -> logits [B,T,V], (h_n, c_n).
 
         With targets ([B,T] int64 next tokens, ignore_index for padding) it returns
-        (loss, (h_n, c_n)) instead: the mean cross-entropy computed by
-        pyengine.ops.linear_cross_entropy straight from the hidden states and the head's
-        weight, never materialising the [B,T,V] logits.
+        (loss, (h_n, c_n)) instead: the cross-entropy (focal with gamma > 0; the options are
+        those of pyengine.ops.linear_cross_entropy) computed straight from the hidden states
+        and the head's weight, never materialising the [B,T,V] logits.
         """
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(
@@ -76,7 +81,8 @@ class LSTMLanguageModel(nn.Module):
                 )
             loss = linear_cross_entropy(
                 self.dropout(hidden), self.head.weight, targets, bias=self.head.bias,
-                ignore_index=ignore_index,
+                class_weight=class_weight, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
             )
             return loss, state
         return self.head(self.dropout(hidden)), state

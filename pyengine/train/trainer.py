@@ -10,6 +10,7 @@ each rank reads its own shard, and only rank 0 writes checkpoints and logs.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -71,6 +72,21 @@ def _per_layer(norms: dict[str, float]) -> dict[str, float]:
     return {k: math.sqrt(v) for k, v in squares.items()}
 
 
+def _fusable_losses() -> tuple[type, ...]:
+    """Loss classes whose whole meaning the fused `targets=` path can reproduce (exact types:
+    a subclass may change forward)."""
+    from pyengine.train.losses import _FocalLoss
+
+    types: list[type] = [nn.CrossEntropyLoss, _FocalLoss]
+    try:
+        import pyengine.nn as pnn
+        types += [t for t in (getattr(pnn, "CrossEntropyLoss", None),
+                              getattr(pnn, "FocalLoss", None)) if t is not None]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
 def _detach_state(state):
     if state is None:
         return None
@@ -86,14 +102,18 @@ class Trainer:
     (reduce-on-plateau on `monitor`), a scheduler instance or a callable(optimizer) ->
     scheduler. loss_fn: any callable(logits [N, C], target [N]) (default
     torch.nn.CrossEntropyLoss; see `pyengine.train.make_loss` for ours, focal, class weights,
-    label smoothing). accumulation_steps micro-batches are summed and normalised by the real
-    number of target tokens (or summed class weights) over all of them, so the gradient equals
-    one big batch's. grad_clip: max global norm, clipped through pyengine's kernel when
-    available; per-parameter gradient norms go to the logs when log_grad_norms. l1 adds
-    l1 * sum|w| over trainable weights. mixed_precision: autocast (bfloat16 on CPU, float16 +
-    GradScaler on CUDA) where the device supports it. output_dir gets checkpoints (last.pt,
-    best.pt), metrics.jsonl and TensorBoard event files; checkpoint_every N optimizer steps
-    (and at each epoch end). fit(resume=True) continues exactly from output_dir/last.pt.
+    label smoothing). When the model has a fused loss path (`forward(x, state, targets=)`, as
+    LSTMLanguageModel: the vocabulary head and the loss in one op, logits never held) and the
+    loss is plain cross-entropy / focal with nothing that path cannot express (and no mixed
+    precision), language-model training steps go through it. accumulation_steps micro-batches
+    are summed and normalised by the real number of target tokens (or summed class weights) over
+    all of them, so the gradient equals one big batch's. grad_clip: max global norm, clipped
+    through pyengine's kernel when available; per-parameter gradient norms go to the logs when
+    log_grad_norms. l1 adds l1 * sum|w| over trainable weights. mixed_precision: autocast
+    (bfloat16 on CPU, float16 + GradScaler on CUDA) where the device supports it. output_dir
+    gets checkpoints (last.pt, best.pt), metrics.jsonl and TensorBoard event files;
+    checkpoint_every N optimizer steps (and at each epoch end). fit(resume=True) continues
+    exactly from output_dir/last.pt.
     """
 
     def __init__(
@@ -207,6 +227,57 @@ class Trainer:
             mean = loss_fn(logits.float(), target)
             total = mean * denom.to(mean.dtype) if denom > 0 else mean * 0
         return total, denom
+
+    def _fused_loss_options(self) -> dict[str, Any] | None:
+        """Keyword arguments for the model's fused loss path (`forward(..., targets=)`, e.g.
+        LSTMLanguageModel's linear_cross_entropy head that never holds the logits), or None
+        when the model has no such path or the loss needs something it cannot express: a loss
+        other than plain cross-entropy / focal, an option the forward does not take, or
+        mixed precision (autocast would hand the fused op low-precision hidden states against
+        a float32 head). "_sum" says whether the forward can return the summed loss itself."""
+        if self.mixed_precision:
+            return None
+        try:
+            params = inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            return None
+        if "targets" not in params:
+            return None
+        if type(self.loss_fn) not in _fusable_losses():
+            return None
+        ignore = getattr(self.loss_fn, "ignore_index", -100)
+        weight = getattr(self.loss_fn, "weight", None)
+        wanted = {  # forward keyword: (value, default that needs no keyword)
+            "ignore_index": (ignore, -100),
+            "class_weight": (weight, None),
+            "label_smoothing": (float(getattr(self.loss_fn, "label_smoothing", 0.0)), 0.0),
+            "gamma": (float(getattr(self.loss_fn, "gamma", 0.0)), 0.0),
+            "z_loss": (float(getattr(self.loss_fn, "z_loss", 0.0)), 0.0),
+        }
+        options: dict[str, Any] = {}
+        for key, (value, default) in wanted.items():
+            if key in params:
+                options[key] = value
+            elif not (value is None if default is None else value == default):
+                return None
+        options["_sum"] = "reduction" in params
+        if options["_sum"]:
+            options["reduction"] = "sum"
+        return options
+
+    def _fused_loss_terms(self, model, batch: dict[str, torch.Tensor], state,
+                          options: dict[str, Any], denom: float):
+        """(summed loss, new state) through the model's fused loss path."""
+        x = batch["input"].to(self.device)
+        y = batch["target"].to(self.device)
+        kwargs = {k: v for k, v in options.items() if k != "_sum"}
+        if isinstance(kwargs.get("class_weight"), torch.Tensor):
+            kwargs["class_weight"] = kwargs["class_weight"].to(self.device)
+        if options["_sum"]:
+            out, state = model(x, state, targets=y, **kwargs)
+            return out.float(), state
+        out, state = model(x, state, targets=y, **kwargs)  # e.g. through DDP's forward
+        return out.float() * denom, state  # mean -> sum
 
     def _logits_targets(self, model, batch: dict[str, torch.Tensor], state):
         x = batch["input"].to(self.device)
@@ -440,14 +511,21 @@ class Trainer:
         else:
             scale = 1.0 / max(float(total), 1e-12)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        fused = self._fused_loss_options()
         loss_sum = 0.0
         for i, b in enumerate(group):
             sync = i == len(group) - 1 or self.ddp_model is None
             ctx = model.no_sync() if not sync else _null()
             with ctx:
-                with self._autocast():
-                    logits, target, state = self._logits_targets(model, b, self.state)
-                micro, _ = self._loss_terms(self.loss_fn, logits, target)
+                # the fused head's mean is NaN when every target is ignored: logits path then
+                if fused is not None and "lengths" not in b and denoms[i] > 0:
+                    with self._autocast():
+                        micro, state = self._fused_loss_terms(model, b, self.state, fused,
+                                                              denoms[i])
+                else:
+                    with self._autocast():
+                        logits, target, state = self._logits_targets(model, b, self.state)
+                    micro, _ = self._loss_terms(self.loss_fn, logits, target)
                 loss = micro * scale
                 if self.l1:
                     loss = loss + (self.l1 / len(group)) * sum(p.abs().sum() for p in trainable)

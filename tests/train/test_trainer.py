@@ -214,6 +214,72 @@ def test_lm_accumulation_normalises_by_real_target_tokens():
         torch.testing.assert_close(micro[k], big[k], rtol=1e-5, atol=1e-7)
 
 
+class _OwnForwardLM(LSTMLanguageModel):
+    """A model whose forward(targets=) the Trainer only knows by its signature (mean loss)."""
+
+    def forward(self, tokens, state=None, targets=None, ignore_index=-100):
+        return super().forward(tokens, state, targets, ignore_index)
+
+
+def _lm_step(loss_fn=None, fused=True, accumulation=2, model_class=LSTMLanguageModel):
+    """One Trainer LM step (two micro-batches with ignored targets): (loss, grads, head calls)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (4, 7))
+    y = torch.randint(0, 256, (4, 7))
+    y[0, 3:] = -100
+    y[3, 6:] = -100
+    torch.manual_seed(0)
+    model = model_class(256, 8, 12, 2)
+    calls = []
+    model.head.register_forward_hook(lambda *a: calls.append(1))
+    t = Trainer(model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                accumulation_steps=accumulation, log_grad_norms=False, grad_clip=1.0,
+                **({"loss_fn": loss_fn} if loss_fn is not None else {}))
+    if not fused:
+        t._fused_loss_options = lambda: None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [{"input": x[:1], "target": y[:1]}, {"input": x[1:], "target": y[1:]}]
+    loss, tokens = t._train_step(batches if accumulation == 2 else batches[:1], stateful=False)
+    return loss, {k: before[k] - v for k, v in model.state_dict().items()}, len(calls)
+
+
+@pytest.mark.parametrize("loss,model_class", [("default", LSTMLanguageModel),
+                                              ("ours", LSTMLanguageModel),
+                                              ("default", _OwnForwardLM)])
+def test_fused_lm_loss_path_matches_logits_path(loss, model_class):
+    fn = None if loss == "default" else make_loss("cross_entropy")
+    loss_f, grads_f, calls_f = _lm_step(fn, fused=True, model_class=model_class)
+    loss_p, grads_p, calls_p = _lm_step(fn, fused=False, model_class=model_class)
+    assert calls_f == 0 and calls_p == 2  # the fused step never ran the head (no logits)
+    assert loss_f == pytest.approx(loss_p, rel=1e-5)
+    for k in grads_p:
+        torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: make_loss("cross_entropy", label_smoothing=0.1),
+    lambda: make_loss("focal", gamma=2.0),
+    lambda: torch.nn.CrossEntropyLoss(weight=torch.rand(256, generator=torch.Generator()
+                                                        .manual_seed(0)) + 0.5),
+], ids=["label_smoothing", "focal", "class_weight"])
+def test_fused_lm_loss_path_covers_smoothing_focal_and_class_weights(make):
+    loss_f, grads_f, calls_f = _lm_step(make(), fused=True)
+    loss_p, grads_p, calls_p = _lm_step(make(), fused=False)
+    assert calls_f == 0 and calls_p == 2
+    assert loss_f == pytest.approx(loss_p, rel=1e-5)
+    for k in grads_p:
+        torch.testing.assert_close(grads_f[k], grads_p[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_lm_loss_path_not_taken_for_a_custom_loss():
+    class Custom(torch.nn.CrossEntropyLoss):
+        def forward(self, input, target):
+            return super().forward(input, target) * 2
+
+    _, _, calls = _lm_step(Custom(), accumulation=1)
+    assert calls == 1
+
+
 def test_fit_logs_early_stopping_and_metrics(tmp_path, capsys):
     train = cls_data(24, batch_size=8)
     val = cls_data(12, seed=1, batch_size=8)

@@ -1,0 +1,225 @@
+"""Full LSTM language-model training step, every pyengine kernel on against plain PyTorch.
+
+    python bench/bench_train.py            # demo and large sizes, writes the train-<device>
+                                           # section of bench/RESULTS.md
+    python bench/bench_train.py --quick    # tiny sizes, 2 repeats, no RESULTS.md (checks it runs)
+
+One step = embedding -> 2-layer LSTM -> vocabulary head with the mean cross-entropy ->
+backward -> clip the global gradient norm to 1 -> Adam step -> zero_grad(set_to_none=True).
+  pyengine  LSTMLanguageModel with pyengine.nn.LSTM, the model's fused `targets=` loss path
+            (pyengine.ops.linear_cross_entropy: the [B,T,V] logits are never held) and
+            pyengine.clip_grad_norm_
+  torch     the same model class with lstm_class=torch.nn.LSTM, logits + F.cross_entropy and
+            torch.nn.utils.clip_grad_norm_
+Both start from the same weights (load_state_dict) and see the same batches; both are timed in
+one process, alternating (pyengine.benchmarking.measure), medians reported; tokens/s is
+batch x seq over the median step time. Peak memory: each (implementation, size) in a fresh
+subprocess, the resident-set growth (peak_rss_delta) over a few steps taken after one warm-up
+step, so parameters and Adam state (already allocated) are excluded and gradients, activations
+and temporaries are included. The subprocess runs with MALLOC_MMAP_THRESHOLD_ fixed so that
+glibc returns large freed blocks to the OS and the warm-up step's memory cannot hide the next
+steps' peak. CUDA: torch.cuda peak allocated over the same steps, in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import pyengine
+from pyengine.benchmarking import (
+    cuda_peak_memory,
+    machine_info,
+    markdown_table,
+    measure,
+    peak_rss_delta,
+    write_results_section,
+)
+from pyengine.models import LSTMLanguageModel
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+IMPLS = ["pyengine", "torch"]
+# name: (vocab, embed, hidden, layers, batch, seq)
+SIZES = {
+    "demo": (256, 128, 256, 2, 16, 64),
+    "large": (32000, 512, 512, 2, 32, 64),
+}
+QUICK_SIZES = {
+    "demo-tiny": (64, 16, 32, 2, 4, 8),
+    "large-tiny": (4000, 32, 32, 2, 4, 16),
+}
+# size: (minimum tokens/s ratio pyengine / torch, maximum peak-memory ratio or None)
+TARGETS = {"demo": (1.3, None), "large": (1.1, 0.5)}
+N_BATCHES = 4  # distinct batches cycled through, the same sequence for both implementations
+MEMORY_STEPS = 3
+
+
+def make_models(size, device):
+    vocab, embed, hidden, layers, _, _ = size
+    torch.manual_seed(0)
+    ours = LSTMLanguageModel(vocab, embed, hidden, layers).to(device)
+    ref = LSTMLanguageModel(vocab, embed, hidden, layers, lstm_class=torch.nn.LSTM).to(device)
+    ref.load_state_dict(ours.state_dict())
+    return {"pyengine": ours, "torch": ref}
+
+
+def make_batches(size, device):
+    vocab, _, _, _, batch, seq = size
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, vocab, (N_BATCHES, batch, seq + 1), generator=g)
+    return [(d[:, :-1].contiguous().to(device), d[:, 1:].contiguous().to(device)) for d in data]
+
+
+def step_fn(impl, model, batches):
+    """A closure doing one full training step per call, cycling through `batches`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    vocab = model.head.out_features
+    counter = [0]
+    losses = []
+
+    def step():
+        x, y = batches[counter[0] % len(batches)]
+        counter[0] += 1
+        if impl == "pyengine":
+            loss, _ = model(x, None, targets=y)
+            loss.backward()
+            pyengine.clip_grad_norm_(params, 1.0)
+        else:
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+
+    step.losses = losses
+    return step
+
+
+def memory_case(impl, size, device) -> int | None:
+    models = make_models(size, device)
+    fn = step_fn(impl, models[impl], make_batches(size, device))
+    del models
+    fn()  # warm-up: gradients, Adam state, allocator and kernel caches
+
+    def steps():
+        for _ in range(MEMORY_STEPS):
+            fn()
+
+    if device == "cuda":
+        return cuda_peak_memory(steps)
+    return peak_rss_delta(steps)
+
+
+def memory_in_subprocesses(impls, size, device) -> dict[str, int | None]:
+    """Peak memory of each implementation at `size`, each in its own fresh process (run side
+    by side: the numbers are per process, and no timing happens there)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    procs = {
+        impl: subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--memory-case", impl,
+             ",".join(map(str, size)), "--device", device],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for impl in impls
+    }
+    peaks = {}
+    for impl, proc in procs.items():
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            print(err[-2000:], file=sys.stderr)
+            peaks[impl] = None
+        else:
+            peaks[impl] = json.loads(out.strip().splitlines()[-1])["peak"]
+    return peaks
+
+
+def run(quick: bool, device: str) -> list[dict]:
+    rows = []
+    for name, size in (QUICK_SIZES if quick else SIZES).items():
+        vocab, embed, hidden, layers, batch, seq = size
+        models = make_models(size, device)
+        batches = make_batches(size, device)
+        cases = {impl: step_fn(impl, models[impl], batches) for impl in IMPLS}
+        # the first (warm-up) step of each starts from the same weights and batch
+        repeats = 2 if quick else (20 if name == "demo" else 7)
+        timings = measure(cases, repeats=repeats, warmup=1 if quick else 3, device=device)
+        first = {impl: cases[impl].losses[0] for impl in IMPLS}
+        if device == "cuda":
+            peaks = {impl: memory_case(impl, size, device) for impl in IMPLS}
+        else:
+            peaks = memory_in_subprocesses(IMPLS, size, device)
+        base = timings["torch"].median
+        target = TARGETS.get(name, (None, None))  # the tiny --quick sizes have none
+        for impl in IMPLS:
+            t, peak = timings[impl], peaks[impl]
+            row = dict(
+                size=f"{name} (V={vocab} E={embed} H={hidden} L={layers} B={batch}x{seq})",
+                impl=impl, ms=round(t.median * 1e3, 2),
+                tokens_per_s=round(batch * seq / t.median),
+                speedup=round(base / t.median, 3),
+                peak_mb=round(peak / 2**20, 1) if peak is not None else "n/a",
+                first_loss=round(first[impl], 5),
+                _t=t.median, _peak=peak,
+            )
+            if impl == "pyengine":
+                if peak is not None and peak > 0 and peaks["torch"] and peaks["torch"] > 0:
+                    row["mem_vs_torch"] = round(peak / peaks["torch"], 3)
+                if target[0] is not None:
+                    ok = row["speedup"] >= target[0]
+                    want = f">= {target[0]}x tokens/s"
+                    if target[1] is not None:
+                        want += f", <= {target[1]}x memory"
+                        ok = ok and row.get("mem_vs_torch", float("inf")) <= target[1]
+                    row["target"] = want
+                    row["met"] = "yes" if ok else "no"
+            rows.append(row)
+            print({k: v for k, v in row.items() if not k.startswith("_")}, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "SIZE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_case:
+        impl, size = args.memory_case
+        peak = memory_case(impl, tuple(int(x) for x in size.split(",")), args.device)
+        print(json.dumps({"peak": peak}))
+        return 0
+    info = machine_info(args.device)
+    rows = run(args.quick, args.device)
+    columns = ["size", "impl", "ms", "tokens_per_s", "speedup", "peak_mb", "mem_vs_torch",
+               "first_loss", "target", "met"]
+    table = markdown_table(rows, columns)
+    header = (
+        f"## LSTM language model, full training step ({args.device})\n\n"
+        + ", ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n"
+        "One step: embedding, LSTM, vocabulary head + mean cross-entropy, backward, clip to "
+        "norm 1, Adam, zero_grad. pyengine: pyengine.nn.LSTM + the model's fused `targets=` "
+        "loss (logits never held) + pyengine.clip_grad_norm_; torch: torch.nn.LSTM + logits + "
+        "F.cross_entropy + torch.nn.utils.clip_grad_norm_. Same weights, same batches, timed "
+        "alternating in one process, medians. speedup: torch's median step time over this "
+        "one's (= tokens/s ratio). peak_mb: resident-set growth over "
+        f"{MEMORY_STEPS} steps after one warm-up step, each case in its own process "
+        "(parameters and Adam state excluded; gradients, activations and temporaries "
+        "included). first_loss: the loss of the first step, same weights and batch.\n\n"
+    )
+    print(table)
+    if not args.quick:
+        write_results_section(RESULTS, f"train-{args.device}", header + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

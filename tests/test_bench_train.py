@@ -1,0 +1,37 @@
+"""bench/bench_train.py --quick runs in-process and every case produces numbers (no timing
+assertions: tests never time)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_train.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_quick_produces_every_case(monkeypatch, capsys):
+    bench = load_bench()
+    # one tiny size keeps the test short; --quick never writes RESULTS.md
+    monkeypatch.setattr(bench, "QUICK_SIZES", {"tiny": (300, 8, 16, 2, 2, 8)})
+    monkeypatch.setattr(bench, "write_results_section", lambda *a: (_ for _ in ()).throw(
+        AssertionError("--quick must not write RESULTS.md")))
+    rows = []
+    real_run = bench.run
+    monkeypatch.setattr(bench, "run", lambda *a: rows.extend(real_run(*a)) or rows)
+    assert bench.main(["--quick", "--device", "cpu"]) == 0
+    assert sorted(r["impl"] for r in rows) == sorted(bench.IMPLS)
+    for r in rows:
+        assert r["_t"] > 0 and r["tokens_per_s"] > 0
+        assert isinstance(r["_peak"], int)  # measured in its own subprocess
+        assert math.isfinite(r["first_loss"])
+    # same weights, same first batch: the two implementations start from the same loss
+    a, b = (r["first_loss"] for r in rows)
+    assert math.isclose(a, b, rel_tol=1e-4)
+    out = capsys.readouterr().out
+    assert "| tiny" in out and "pyengine" in out and "torch" in out
