@@ -34,6 +34,7 @@ from pyengine.benchmarking import (
     machine_info,
     markdown_table,
     measure,
+    save_rows_json,
     write_results_section,
 )
 
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
     args = parser.parse_args(argv)
     rows, extra = run(args.quick, args.device)
     columns = ["case", "implementation", "median ms", "speedup vs foreach=True",
@@ -131,6 +133,9 @@ def main(argv=None) -> int:
     print(header + table)
     if not args.quick:
         write_results_section(RESULTS, f"clip-{args.device}", header + table)
+    if args.json:
+        save_rows_json(args.json, f"clip-{args.device}", rows, info, case_key="case",
+                       impl_key="implementation", ratio_key="speedup vs foreach=True")
     return 0
 
 

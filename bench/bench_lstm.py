@@ -21,6 +21,7 @@ from pyengine.benchmarking import (
     markdown_table,
     matmul_peak_gflops,
     measure,
+    save_rows_json,
     write_results_section,
 )
 
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
     args = parser.parse_args(argv)
     rows, extra = run(args.quick, args.device)
     columns = ["shape", "implementation", "median ms", "speedup vs torch.nn.LSTM", "GFLOP/s",
@@ -132,6 +134,9 @@ def main(argv=None) -> int:
     print(header + table)
     if not args.quick:
         write_results_section(RESULTS, f"lstm-{args.device}", header + table)
+    if args.json:
+        save_rows_json(args.json, f"lstm-{args.device}", rows, info, case_key="shape",
+                       impl_key="implementation", ratio_key="speedup vs torch.nn.LSTM")
     return 0
 
 

@@ -8,6 +8,7 @@ the same run; throughput is put against the matmul peak and copy bandwidth measu
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -158,3 +159,118 @@ def write_results_section(path: str, name: str, body: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# raw JSON and plots (used by bench/ scripts' --json flag and by `pyengine bench`)
+
+
+def save_rows_json(
+    path: str,
+    section: str,
+    rows: list[dict],
+    info: dict,
+    *,
+    case_key: str | None = None,
+    impl_key: str | None = None,
+    ratio_key: str | None = None,
+) -> None:
+    """Write a script's result rows (as printed in its table) plus machine info to `path`.
+
+    `case_key`, `impl_key` and `ratio_key` name the row fields a ratio plot uses (the case label,
+    the implementation, the ratio column such as "speedup vs torch.nn.LSTM"); they are stored
+    under "plot" so `pyengine bench` can draw the plot without guessing column names.
+    """
+    plot = {k: v for k, v in (("case_key", case_key), ("impl_key", impl_key),
+                              ("ratio_key", ratio_key)) if v is not None}
+    data = {"section": section, "info": info, "rows": rows, "plot": plot}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".rows-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _number(value) -> float | None:
+    """1.5, "1.5", "1.50x", "95%" -> float; anything else -> None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip().rstrip("x%").strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "plotting benchmark results needs matplotlib: pip install matplotlib"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ratios(
+    path: str,
+    rows: list[dict],
+    *,
+    case_key: str = "case",
+    impl_key: str = "implementation",
+    ratio_key: str | None = None,
+    title: str | None = None,
+) -> str:
+    """Grouped horizontal bar chart of `ratio_key` per case and implementation, saved as PNG.
+
+    `ratio_key` defaults to the first row field whose name starts with "speedup" or "ratio".
+    Values may be numbers or strings like "1.23x"; rows without a number there are skipped.
+    Raises ValueError when no row has a usable ratio. Returns `path`.
+    """
+    if ratio_key is None:
+        keys = [k for row in rows for k in row if k.lower().startswith(("speedup", "ratio"))]
+        if not keys:
+            raise ValueError("plot_ratios: no 'speedup...' or 'ratio...' column in the rows; "
+                             "pass ratio_key")
+        ratio_key = keys[0]
+    cases: list[str] = []
+    impls: list[str] = []
+    values: dict[tuple[str, str], float] = {}
+    for row in rows:
+        value = _number(row.get(ratio_key))
+        if value is None:
+            continue
+        case, impl = str(row.get(case_key, "")), str(row.get(impl_key, ""))
+        if case not in cases:
+            cases.append(case)
+        if impl not in impls:
+            impls.append(impl)
+        values[case, impl] = value
+    if not values:
+        raise ValueError(f"plot_ratios: no row has a number in {ratio_key!r}")
+    plt = _pyplot()
+    height = 0.8 / len(impls)
+    fig, ax = plt.subplots(figsize=(8, 1 + 0.35 * len(cases) * len(impls) + 0.3 * len(cases)))
+    for j, impl in enumerate(impls):
+        ys = [i + j * height for i, c in enumerate(cases) if (c, impl) in values]
+        xs = [values[c, impl] for c in cases if (c, impl) in values]
+        ax.barh(ys, xs, height=height, label=impl)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
+    ax.set_yticklabels(cases)
+    ax.invert_yaxis()
+    ax.set_xlabel(ratio_key)
+    ax.set_title(title or ratio_key)
+    ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

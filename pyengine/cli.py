@@ -357,6 +357,200 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# bench
+
+_BENCH_TAIL = 4000  # characters of a family's stdout/stderr kept in results.json
+
+
+def _bench_dir() -> pathlib.Path:
+    """The repository's bench/ folder (the scripts are not installed with the package)."""
+    return pathlib.Path(pyengine.__file__).resolve().parents[1] / "bench"
+
+
+def _bench_families(bench_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """family name -> script, for every bench/bench_<family>.py."""
+    return {p.stem[len("bench_"):]: p for p in sorted(bench_dir.glob("bench_*.py"))}
+
+
+def _add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench",
+        help="run the benchmark suite (every bench/bench_<family>.py) and collect a report",
+        description="Run each bench/bench_<family>.py of the repository in its own fresh "
+        "process, one after another, and collect what they print into <output>/report.md "
+        "(with the machine, date and versions), <output>/results.json (per family: status, "
+        "seconds, output tail) and, for scripts that can write their rows as JSON, the rows "
+        "(<output>/<family>.json) and a ratio plot (<output>/<family>_ratio.png). Without "
+        "--quick each script also updates its own section of bench/RESULTS.md. Needs a "
+        "source checkout (pip install -e .): the bench scripts are not installed.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few repeats (a smoke run, minutes on 2 cores)")
+    parser.add_argument("--family", nargs="+", metavar="NAME",
+                        help="only these families (default: all bench/bench_*.py)")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="device, passed to the scripts that take --device (default: each "
+                        "script's own default)")
+    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("runs/bench"),
+                        help="folder for report.md, results.json, JSON rows and plots "
+                        "(runs/bench)")
+    parser.add_argument("--timeout", type=_positive_int, metavar="SECONDS",
+                        help="per-family time limit (default: 300 with --quick, 3600 without)")
+    parser.add_argument("--list", action="store_true", help="list the families and exit")
+    return parser
+
+
+def _script_options(script: pathlib.Path, root: pathlib.Path) -> str:
+    """The script's --help text ('' if it fails), to see which options it takes."""
+    import subprocess
+
+    try:
+        out = subprocess.run([sys.executable, str(script), "--help"], cwd=root,
+                             capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return ""
+    return out.stdout if out.returncode == 0 else ""
+
+
+def _run_family(command: list[str], root: pathlib.Path, timeout: float) -> tuple[str, int | None,
+                                                                                  str, str]:
+    """Run one bench script in a fresh process (its own process group, killed whole on
+    timeout). Returns (status, returncode, stdout, stderr)."""
+    import os
+    import signal
+    import subprocess
+
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    def kill_group() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group()
+        stdout, stderr = proc.communicate()
+        return "timeout", None, stdout, stderr
+    except BaseException:  # Ctrl-C or a signal: do not leave the script running
+        kill_group()
+        raise
+    return ("ok" if proc.returncode == 0 else "failed"), proc.returncode, stdout, stderr
+
+
+def _bench_plot(family: str, rows_json: pathlib.Path, output: pathlib.Path) -> str | None:
+    """Ratio plot from a script's JSON rows; returns the PNG path, or None (reason printed)."""
+    import json
+
+    from pyengine.benchmarking import plot_ratios
+
+    try:
+        data = json.loads(rows_json.read_text())
+        path = output / f"{family}_ratio.png"
+        plot_ratios(str(path), data["rows"], title=f"{family}: {data.get('section', family)}",
+                    **data.get("plot", {}))
+        return str(path)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        print(f"pyengine bench: {family}: no plot: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import datetime
+    import json
+
+    from pyengine.benchmarking import machine_info
+
+    bench_dir = _bench_dir()
+    if not bench_dir.is_dir():
+        print(f"pyengine bench: error: no bench/ folder at {bench_dir}: the benchmark scripts "
+              "live in the source repository and are not installed; run from a checkout "
+              "installed with `pip install --no-build-isolation -e .`", file=sys.stderr)
+        return 2
+    root = bench_dir.parent
+    families = _bench_families(bench_dir)
+    if args.list:
+        print("\n".join(families))
+        return 0
+    selected = list(dict.fromkeys(args.family)) if args.family else list(families)
+    unknown = [name for name in selected if name not in families]
+    if unknown:
+        print(f"pyengine bench: error: unknown family {', '.join(map(repr, unknown))}; "
+              f"expected some of: {', '.join(families)}", file=sys.stderr)
+        return 2
+    if not selected:
+        print(f"pyengine bench: error: no bench_*.py scripts in {bench_dir}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("pyengine bench: error: --device cuda given but torch.cuda.is_available() is "
+              "False", file=sys.stderr)
+        return 2
+    timeout = args.timeout or (300 if args.quick else 3600)
+    output = args.output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+
+    info = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+            **machine_info(args.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+            "pyengine": pyengine.__version__, "mode": "quick" if args.quick else "full"}
+    if args.device is None:
+        info["device"] = "each script's default"
+    results: dict[str, dict] = {}
+    sections: list[str] = []
+    start_all = time.perf_counter()
+    for family in selected:
+        script = families[family]
+        options = _script_options(script, root)
+        command = [sys.executable, str(script)]
+        if args.quick:
+            command.append("--quick")
+        if args.device and "--device" in options:
+            command += ["--device", args.device]
+        rows_json = output / f"{family}.json"
+        rows_json.unlink(missing_ok=True)
+        if "--json" in options:
+            command += ["--json", str(rows_json)]
+        print(f"[bench] {family}: {' '.join(command[1:])}", flush=True)
+        t0 = time.perf_counter()
+        status, code, stdout, stderr = _run_family(command, root, timeout)
+        seconds = time.perf_counter() - t0
+        entry = {"status": status, "seconds": round(seconds, 2), "returncode": code,
+                 "command": command[1:], "stdout_tail": stdout[-_BENCH_TAIL:],
+                 "stderr_tail": stderr[-_BENCH_TAIL:] if status != "ok" else ""}
+        if status == "ok" and rows_json.exists():
+            entry["rows_json"] = str(rows_json)
+            entry["plot"] = _bench_plot(family, rows_json, output)
+        results[family] = entry
+        print(f"[bench] {family}: {status} in {seconds:.1f} s", flush=True)
+        body = stdout.strip() or "(no output)"
+        section = f"# {family} ({status}, {seconds:.1f} s)\n\n{body}\n"
+        if status != "ok":
+            why = f"timed out after {timeout} s" if status == "timeout" else f"exit code {code}"
+            section += f"\n{why}; stderr tail:\n\n```\n{stderr[-_BENCH_TAIL:].strip()}\n```\n"
+        if entry.get("plot"):
+            section += f"\n![{family} ratios]({pathlib.Path(entry['plot']).name})\n"
+        sections.append(section)
+
+    total = time.perf_counter() - start_all
+    failed = [name for name, r in results.items() if r["status"] != "ok"]
+    header = "# pyengine benchmark report\n\n" + "\n".join(
+        f"- {k}: {v}" for k, v in info.items()) + f"\n- total: {total:.1f} s\n\n"
+    header += "| family | status | seconds |\n|---|---|---|\n" + "".join(
+        f"| {name} | {r['status']} | {r['seconds']:.1f} |\n" for name, r in results.items())
+    (output / "report.md").write_text(header + "\n" + "\n".join(sections))
+    (output / "results.json").write_text(json.dumps(
+        {"info": info, "total_seconds": round(total, 2), "families": results}, indent=2) + "\n")
+    print(f"[bench] {len(results) - len(failed)}/{len(results)} families ran in {total:.1f} s; "
+          f"report: {output / 'report.md'}")
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # entry point
 
 # name -> (add its parser, run it)
@@ -365,6 +559,7 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "train": (_add_train_parser, cmd_train),
     "finetune": (_add_finetune_parser, cmd_finetune),
     "evaluate": (_add_evaluate_parser, cmd_evaluate),
+    "bench": (_add_bench_parser, cmd_bench),
 }
 
 

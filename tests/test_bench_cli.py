@@ -1,0 +1,95 @@
+"""`pyengine bench`: runs bench/bench_<family>.py scripts in fresh processes and collects a report.
+
+Only the clip family at --quick size runs here (a few seconds); the full `pyengine bench --quick`
+is a separate CI step. Results are not asserted, only that the family ran and produced numbers.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pyengine import cli
+
+
+def test_bench_quick_clip_writes_report_json_and_plot(tmp_path, capsys):
+    code = cli.main(["bench", "--quick", "--family", "clip", "--output", str(tmp_path)])
+    assert code == 0, capsys.readouterr()
+    results = json.loads((tmp_path / "results.json").read_text())
+    clip = results["families"]["clip"]
+    assert clip["status"] == "ok" and clip["returncode"] == 0 and clip["seconds"] > 0
+    assert list(results["families"]) == ["clip"]
+    assert results["info"]["torch"] and results["info"]["cores"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| clip | ok |" in report and "median ms" in report  # the script's table
+    rows = json.loads((tmp_path / "clip.json").read_text())["rows"]
+    assert rows and all("median ms" in r for r in rows)
+    assert float(rows[0]["median ms"]) > 0
+    assert (tmp_path / "clip_ratio.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_unknown_family_is_an_error(tmp_path, capsys):
+    code = cli.main(["bench", "--family", "nope", "--output", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown family 'nope'" in err and "clip" in err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_bench_list_discovers_every_script(capsys):
+    assert cli.main(["bench", "--list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"lstm", "clip", "cross_entropy", "int8", "generate"} <= set(names)
+
+
+FAKE_WITH_OPTIONS = '''
+import argparse, json, sys
+p = argparse.ArgumentParser()
+p.add_argument("--quick", action="store_true")
+p.add_argument("--device")
+p.add_argument("--json")
+a = p.parse_args()
+print("| case | implementation | speedup |")
+print(f"argv={sys.argv[1:]}")
+if a.json:
+    rows = [{"case": "c", "implementation": "ours", "speedup": "2.00x"},
+            {"case": "c", "implementation": "torch", "speedup": "1.00x"}]
+    json.dump({"section": "fake", "info": {}, "rows": rows, "plot": {}}, open(a.json, "w"))
+'''
+
+FAKE_PLAIN = '''
+import argparse
+p = argparse.ArgumentParser()
+p.add_argument("--quick", action="store_true")
+print(p.parse_args())
+'''
+
+
+def test_bench_generic_discovery_option_passing_and_failures(tmp_path, monkeypatch, capsys):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_alpha.py").write_text(FAKE_WITH_OPTIONS)
+    (bench / "bench_beta.py").write_text(FAKE_PLAIN)
+    (bench / "bench_gamma.py").write_text("raise SystemExit('gamma broke')\n")
+    (bench / "helper.py").write_text("")  # not a bench_*.py: ignored
+    monkeypatch.setattr(cli, "_bench_dir", lambda: bench)
+    out = tmp_path / "out"
+    code = cli.main(["bench", "--quick", "--device", "cpu", "--output", str(out)])
+    assert code == 1  # gamma failed
+    families = json.loads((out / "results.json").read_text())["families"]
+    assert list(families) == ["alpha", "beta", "gamma"]
+    alpha, beta, gamma = families["alpha"], families["beta"], families["gamma"]
+    assert alpha["status"] == beta["status"] == "ok" and gamma["status"] == "failed"
+    assert "--device" in alpha["command"] and "--json" in alpha["command"]
+    assert "--device" not in beta["command"] and "--json" not in beta["command"]
+    assert "--quick" in beta["command"]
+    assert (out / "alpha_ratio.png").exists() and not (out / "beta_ratio.png").exists()
+    assert "gamma broke" in gamma["stderr_tail"]
+    report = (out / "report.md").read_text()
+    assert "| gamma | failed |" in report and "gamma broke" in report
+    assert "failed: gamma" in capsys.readouterr().err
+
+
+def test_bench_without_a_bench_folder_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_bench_dir", lambda: tmp_path / "bench")
+    assert cli.main(["bench", "--output", str(tmp_path / "out")]) == 2
+    assert "not installed" in capsys.readouterr().err
