@@ -82,4 +82,15 @@ TORCH_LIBRARY(pyengine, m) {
   m.def(
       "int8_linear(Tensor x, Tensor packed, Tensor wsum, Tensor scale, Tensor? bias, "
       "int out_features, int act, bool raw) -> Tensor");
+  // ---- structured pruning (csrc/cpu/prune.cpp, kernels/prune.py) -----------------------------
+  // One score per unit from its whole weight group: weights[i] (1-D or 2-D) contributes along
+  // dims[i], of size blocks[i]*units, index j -> unit j % units. kind: "l1" sum|w|,
+  // "l2" sqrt(sum w^2), "taylor" sum|w*g| (grads beside weights; empty list otherwise).
+  // float32 [units] (float64 when any weight is float64), accumulated in float64 on CPU.
+  m.def(
+      "unit_importance(Tensor[] weights, Tensor[] grads, int[] dims, int[] blocks, int units, "
+      "str kind) -> Tensor");
+  // N:M mask of 2-D scores: the n largest of every m consecutive elements of a row (ties: lower
+  // index first) are True. bool, scores' shape.
+  m.def("nm_mask(Tensor scores, int n, int m) -> Tensor");
 }

@@ -6,7 +6,7 @@ from pyengine import (
     nn,
     ops,
 )
-from pyengine.compress import quantize
+from pyengine.compress import PruneSchedule, prune, quantize
 from pyengine.models import LSTMClassifier, LSTMLanguageModel
 from pyengine.nn.utils import clip_grad_norm_, clip_grad_value_, grad_norms
 from pyengine.patch import patch
@@ -25,5 +25,7 @@ __all__ = [
     "nn",
     "ops",
     "patch",
+    "prune",
+    "PruneSchedule",
     "quantize",
 ]

@@ -4,6 +4,7 @@ from pyengine.ops import reference
 from pyengine.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from pyengine.ops.int8 import int8_linear, quantize_per_channel
 from pyengine.ops.lstm import lstm, lstm_layer
+from pyengine.ops.prune import nm_mask, unit_importance
 
 __all__ = [
     "cross_entropy",
@@ -11,6 +12,8 @@ __all__ = [
     "linear_cross_entropy",
     "lstm",
     "lstm_layer",
+    "nm_mask",
     "quantize_per_channel",
     "reference",
+    "unit_importance",
 ]

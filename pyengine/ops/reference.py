@@ -165,3 +165,31 @@ def int8_linear(x, qweight, scale, bias=None, act="dynamic"):
     if bias is not None:
         out = out + bias.double()
     return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def unit_importance(weights, dims, blocks=None, kind="l2", grads=None):
+    """Reference of ops.unit_importance in float64: each tensor's terms summed per unit."""
+    blocks = blocks or [1] * len(weights)
+    total = None
+    for i, (w, d, b) in enumerate(zip(weights, dims, blocks)):
+        w = w.double()
+        if kind == "l1":
+            t = w.abs()
+        elif kind == "l2":
+            t = w * w
+        else:
+            t = (w * grads[i].double()).abs()
+        t = t.movedim(d, 0).reshape(b, w.shape[d] // b, -1).sum(dim=(0, 2))
+        total = t if total is None else total + t
+    return total.sqrt() if kind == "l2" else total
+
+
+def nm_mask(scores, n=2, m=4):
+    """Reference of ops.nm_mask: top-n of every m consecutive scores (stable: lower index wins
+    ties)."""
+    rows, cols = scores.shape
+    g = scores.reshape(rows, cols // m, m)
+    order = torch.sort(g, dim=-1, descending=True, stable=True).indices
+    mask = torch.zeros_like(g, dtype=torch.bool)
+    mask.scatter_(-1, order[..., :n], True)
+    return mask.reshape(rows, cols)
