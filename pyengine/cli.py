@@ -554,12 +554,69 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # entry point
 
 # name -> (add its parser, run it)
+# --------------------------------------------------------------------------------------------
+# generate
+
+
+def _add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate",
+        help="continue a seed text with a trained language model checkpoint",
+        description="Load an LSTMLanguageModel checkpoint (written by `pyengine train` or "
+        "Trainer.save_model) with its tokenizer and continue the prompt. Temperature 0 is "
+        "greedy; --num-beams > 1 is beam search.",
+    )
+    parser.add_argument("--from", dest="checkpoint", required=True, help="model checkpoint")
+    parser.add_argument("--prompt", default="", help="seed text ('' starts from a newline)")
+    parser.add_argument("--max-new-tokens", type=_non_negative_int, default=100)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=_positive_int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--num-beams", type=_positive_int, default=1)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--stream", action="store_true", help="print the text as it comes")
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pyengine.train import CheckpointError, load_model
+
+    try:
+        model, tokenizer, _ = load_model(args.checkpoint)
+    except (CheckpointError, OSError) as error:
+        print(f"pyengine generate: {error}", file=sys.stderr)
+        return 2
+    if not isinstance(model, LSTMLanguageModel) or tokenizer is None:
+        print(f"pyengine generate: {args.checkpoint!r} does not hold a language model with its "
+              "tokenizer", file=sys.stderr)
+        return 2
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                   seed=args.seed, stop=args.stop)
+    try:
+        if args.stream:
+            print(args.prompt, end="", flush=True)
+            for piece in generate(model, tokenizer, args.prompt, stream=True, **options):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(args.prompt + generate(model, tokenizer, args.prompt, **options))
+    except ValueError as error:
+        print(f"pyengine generate: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "demo": (_add_demo_parser, cmd_demo),
     "train": (_add_train_parser, cmd_train),
     "finetune": (_add_finetune_parser, cmd_finetune),
     "evaluate": (_add_evaluate_parser, cmd_evaluate),
     "bench": (_add_bench_parser, cmd_bench),
+    "generate": (_add_generate_parser, cmd_generate),
 }
 
 

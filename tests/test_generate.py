@@ -156,3 +156,20 @@ def test_model_mode_is_restored(model):
     generate(model, TOK, "the ", 3, temperature=0)
     assert model.training
     model.eval()
+
+
+def test_cli_generate_from_a_checkpoint(model, tmp_path, capsys):
+    from pyengine.cli import main
+    from pyengine.train import Trainer
+
+    path = tmp_path / "lm.pt"
+    Trainer(model, tokenizer=TOK, output_dir=tmp_path, progress=False).save_model(path)
+    expected = "the " + generate(model, TOK, "the ", 20, temperature=0)
+    assert main(["generate", "--from", str(path), "--prompt", "the ", "--max-new-tokens", "20",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
+    assert main(["generate", "--from", str(path), "--prompt", "the ", "--max-new-tokens", "20",
+                 "--temperature", "0", "--stream"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
+    assert main(["generate", "--from", str(tmp_path / "missing.pt")]) == 2
+    assert main(["generate", "--from", str(path), "--top-p", "2"]) == 2
