@@ -69,6 +69,9 @@ def _add_demo_parser(subparsers) -> argparse.ArgumentParser:
         "--generate", type=_non_negative_int, default=80, help="bytes to generate (80)"
     )
     parser.add_argument("--prompt", default="The ", help="seed text for generation ('The ')")
+    parser.add_argument("--output-dir", default="runs/demo",
+                        help="where the ONNX export, its model card, the loss plot and the "
+                        "report go (runs/demo)")
     return parser
 
 
@@ -143,7 +146,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     tokenizer = ByteTokenizer()
     text = default_corpus()
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    all_ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    held_out = max(2 * args.seq_len + 2, all_ids.numel() // 20)  # the last 5%: validation
+    ids, val_ids = all_ids[:-held_out], all_ids[-held_out:]
     stream = batchify(ids, args.batch_size)
     if stream.shape[1] < 2:
         raise SystemExit(f"pyengine demo: --batch-size {args.batch_size} leaves no windows")
@@ -196,7 +201,108 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # repr: keeps whitespace and control bytes visible (an undertrained model emits many)
     continuation = generate(ours, tokenizer, args.prompt, args.generate, temperature=0)
     print(repr(args.prompt + continuation))
+
+    _compress_and_deploy(ours, trainers, tokenizer, stream, val_ids, args)
     return 0
+
+
+def _perplexity(model: LSTMLanguageModel, val_ids: torch.Tensor, seq_len: int) -> float:
+    """Perplexity of the held-out stream, read as one sequence in windows, state carried."""
+    model.eval()
+    stream = val_ids.reshape(1, -1)
+    total, count, state = 0.0, 0, None
+    with torch.no_grad():
+        for inputs, targets in iterate_bptt(stream, seq_len):
+            loss, state = model(inputs, state, targets=targets, reduction="sum")
+            total += float(loss)
+            count += targets.numel()
+    return float(torch.tensor(total / max(count, 1)).exp())
+
+
+def _state_dict_bytes(model: torch.nn.Module) -> int:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def _compress_and_deploy(ours, trainers, tokenizer, stream, val_ids, args) -> None:
+    """Quantize and prune the trained model, compare the variants side by side, export the
+    float model to ONNX and write a Markdown report with the loss curves."""
+    import copy
+    import os
+
+    from pyengine.export import export
+
+    print()
+    print("compress and deploy the pyengine model (validation: the corpus's last 5%):")
+    pruned = pyengine.prune(ours, 0.5)
+    tuner = _LMTrainer(pruned, fused=True)
+    windows = iterate_bptt(stream, args.seq_len)  # the training text, never the validation
+    for _ in range(min(args.steps, 30)):  # a brief fine-tune after removing half the units
+        try:
+            inputs, targets = next(windows)
+        except StopIteration:
+            break
+        tuner.step(inputs, targets)
+    variants = {
+        "float32": ours,
+        "int8 (quantize)": pyengine.quantize(copy.deepcopy(ours)),
+        "pruned 50% + fine-tune": pruned.eval(),
+    }
+    rows = []
+    for name, model in variants.items():
+        model.eval()
+        start = time.perf_counter()
+        generate(model, tokenizer, args.prompt, max(args.generate, 1), temperature=0)
+        speed = max(args.generate, 1) / (time.perf_counter() - start)
+        rows.append((name, _state_dict_bytes(model) / 1e6, _perplexity(model, val_ids,
+                                                                          args.seq_len), speed))
+    print(f"{'variant':<24}{'size MB':>10}{'val ppl':>10}{'gen tok/s':>11}")
+    for name, size, ppl, speed in rows:
+        print(f"{name:<24}{size:>10.2f}{ppl:>10.2f}{speed:>11,.0f}")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    onnx_path = os.path.join(args.output_dir, "model.onnx")
+    card = export(ours, onnx_path, tokenizer=tokenizer, metrics={"val_perplexity": rows[0][2]})
+    print(f"exported {onnx_path} ({card['size_bytes'] / 1e6:.2f} MB, onnxruntime matches to "
+          f"{card['check_max_abs_diff']:.1e}) and its model card {onnx_path}.json")
+
+    plot = os.path.join(args.output_dir, "loss.png")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for name, trainer in trainers.items():
+        axes.plot(trainer.losses, label=name)
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(plot, dpi=100)
+    plt.close(figure)
+    speeds = {n: statistics.median(t.speeds) for n, t in trainers.items()}
+    lines = [
+        "# pyengine demo report", "",
+        f"Byte-level LSTM LM (embed {args.embed}, hidden {args.hidden}, layers {args.layers}), "
+        f"{args.steps} steps of batch {args.batch_size} x {args.seq_len} on the embedded corpus.",
+        "", "| run | first loss | final loss | median tokens/s |", "|---|---|---|---|",
+        *(f"| {n} | {t.losses[0]:.4f} | {t.losses[-1]:.4f} | {speeds[n]:,.0f} |"
+          for n, t in trainers.items()),
+        "", "![training loss](loss.png)", "",
+        "| variant | size MB | validation perplexity | generation tokens/s |", "|---|---|---|---|",
+        *(f"| {n} | {size:.2f} | {ppl:.2f} | {speed:,.0f} |" for n, size, ppl, speed in rows),
+        "", f"ONNX export: `model.onnx` (+ `model.onnx.json`), onnxruntime max difference "
+        f"{card['check_max_abs_diff']:.1e}.", "",
+    ]
+    report = os.path.join(args.output_dir, "report.md")
+    with open(report + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(report + ".tmp", report)
+    print(f"report: {report}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 
 import torch
 from torch import nn
@@ -99,12 +100,16 @@ def export(
     h = torch.zeros(layers, batch, hidden)
     c = torch.zeros(layers, batch, hidden)
     buffer = io.BytesIO()
-    torch.onnx.export(
-        step, (tokens, h, c), buffer, dynamo=False,
-        input_names=["tokens", "h", "c"], output_names=["logits", "h_out", "c_out"],
-        dynamic_axes={"tokens": {0: "batch"}, "h": {1: "batch"}, "c": {1: "batch"},
-                      "logits": {0: "batch"}, "h_out": {1: "batch"}, "c_out": {1: "batch"}},
-    )
+    with warnings.catch_warnings():
+        # h and c are inputs of the graph, which is what this warning asks for
+        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            step, (tokens, h, c), buffer, dynamo=False,
+            input_names=["tokens", "h", "c"], output_names=["logits", "h_out", "c_out"],
+            dynamic_axes={"tokens": {0: "batch"}, "h": {1: "batch"}, "c": {1: "batch"},
+                          "logits": {0: "batch"}, "h_out": {1: "batch"}, "c_out": {1: "batch"}},
+        )
     _atomic_write_bytes(path, buffer.getvalue())
     card = {
         "format": "onnx",
