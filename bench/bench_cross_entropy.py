@@ -34,6 +34,7 @@ from pyengine.benchmarking import (
     matmul_peak_gflops,
     measure,
     peak_rss_delta,
+    save_rows_json,
     write_results_section,
 )
 
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "N,H,V"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
     args = parser.parse_args(argv)
     if args.memory_case:
         impl, shape = args.memory_case
@@ -180,6 +182,10 @@ def main(argv=None) -> int:
     print(table)
     if not args.quick:
         write_results_section(RESULTS, f"cross-entropy-{args.device}", header + table)
+    if args.json:
+        save_rows_json(args.json, f"cross-entropy-{args.device}", rows, info,
+                       case_key="shape", impl_key="impl",
+                       ratio_key="vs_floor")
     return 0
 
 

@@ -39,6 +39,7 @@ from pyengine.benchmarking import (
     markdown_table,
     measure,
     peak_rss_delta,
+    save_rows_json,
     write_results_section,
 )
 from pyengine.models import LSTMLanguageModel
@@ -191,6 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "SIZE"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
     args = parser.parse_args(argv)
     if args.memory_case:
         impl, size = args.memory_case
@@ -218,6 +220,10 @@ def main(argv=None) -> int:
     print(table)
     if not args.quick:
         write_results_section(RESULTS, f"train-{args.device}", header + table)
+    if args.json:
+        save_rows_json(args.json, f"train-{args.device}", rows, info,
+                       case_key="size", impl_key="impl",
+                       ratio_key="speedup")
     return 0
 
 
