@@ -82,6 +82,17 @@ TORCH_LIBRARY(pyengine, m) {
   m.def(
       "int8_linear(Tensor x, Tensor packed, Tensor wsum, Tensor scale, Tensor? bias, "
       "int out_features, int act, bool raw) -> Tensor");
+  // Int8 LSTM layer, one direction, whole sequence, inference (csrc/cpu/int8_lstm.cpp; CUDA: a
+  // composite of int8_linear). input: float32 [T,N,I]  h0: [N,P]  c0: [N,H]; (packed_*, wsum_*)
+  // = int8_pack_weight of w_ih [4H,I], w_hh [4H,P], w_hr [P,H] (projection, or None: P = H),
+  // scale_* their float32 per-row scales; bias: float32 [4H] = b_ih + b_hh, or None;
+  // batch_sizes as lstm_layer_forward; act as int8_linear (applies to x, h and the projection
+  // input alike). Returns output [T,N,P], h_n [N,P], c_n [N,H].
+  m.def(
+      "int8_lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor packed_ih, Tensor wsum_ih, "
+      "Tensor scale_ih, Tensor packed_hh, Tensor wsum_hh, Tensor scale_hh, Tensor? bias, "
+      "Tensor? packed_hr, Tensor? wsum_hr, Tensor? scale_hr, Tensor? batch_sizes, bool reverse, "
+      "int act) -> (Tensor output, Tensor h_n, Tensor c_n)");
   // ---- structured pruning (csrc/cpu/prune.cpp, kernels/prune.py) -----------------------------
   // One score per unit from its whole weight group: weights[i] (1-D or 2-D) contributes along
   // dims[i], of size blocks[i]*units, index j -> unit j % units. kind: "l1" sum|w|,

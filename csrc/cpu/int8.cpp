@@ -52,6 +52,7 @@
 
 #include <omp.h>
 
+#include "cpu/int8.h"
 #include "cpu/vec_math.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
@@ -612,49 +613,28 @@ void weight_only_512(const float* xf, const int8_t* w, int64_t M, int64_t N, int
 }
 #endif
 
-// ---- the op ------------------------------------------------------------------------------------
+// ---- the kernel on raw pointers (shared with the int8 LSTM) ---------------------------------
 
-Tensor int8_linear(const Tensor& x, const Tensor& packed, const Tensor& wsum, const Tensor& scale,
-                   const std::optional<Tensor>& bias, int64_t out_features, int64_t act,
-                   bool raw) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: x must be float32, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, "int8_linear: x must be 2-D [M,K], got ", x.dim(), "-D");
-  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 1 && packed.is_contiguous(),
-              "int8_linear: packed must be the 1-D int8 tensor from int8_pack_weight");
-  TORCH_CHECK(act == 0 || act == 1, "int8_linear: act must be 0 (dynamic) or 1 (none), got ", act);
-  TORCH_CHECK(!raw || act == 0, "int8_linear: raw accumulators exist only for act=dynamic");
-  const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  TORCH_CHECK(K <= kMaxK, "int8_linear: in_features ", K, " exceeds ", kMaxK);
+// out[M,N] (float32, or int32 accumulators when raw) = x[M,K] (contiguous float32) times the
+// packed weight, see the file comment. No checks: callers validate shapes.
+void run_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* wp, const int32_t* wsum,
+                     const float* swp, const float* bp, int64_t N, int64_t act, bool raw,
+                     void* out) {
+  if (M == 0 || N == 0) return;
   const int64_t NB = ceil_div(N, kPanel), KB = ceil_div(K, kGroup), Kp = KB * kGroup;
-  TORCH_CHECK(N >= 0 && packed.numel() == NB * KB * 64, "int8_linear: packed has ",
-              packed.numel(), " bytes, expected ", NB * KB * 64, " for N=", N, ", K=", K);
-  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.numel() == NB * kPanel &&
-                  wsum.is_contiguous(),
-              "int8_linear: wsum must be the int32 tensor from int8_pack_weight");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == N,
-              "int8_linear: scale must be float32 [", N, "]");
-  const Tensor sw = scale.contiguous();
-  Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N,
-                "int8_linear: bias must be float32 [", N, "]");
-    b = bias->contiguous();
-  }
-  const Tensor xc = x.contiguous();
-  Tensor out = at::empty({M, N}, x.options().dtype(raw ? at::kInt : at::kFloat));
-  if (M == 0 || N == 0) return out;
   const Path path = choose_path();
-  const int8_t* wp = packed.data_ptr<int8_t>();
-  const float* swp = sw.data_ptr<float>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   // Work split: groups of 4 panels (64 columns) per task; each task runs every row.
   const int64_t groups = ceil_div(NB, 4);
 
   if (act == 1) {
-    Tensor xf = Kp == K ? xc : at::constant_pad_nd(xc, {0, Kp - K}, 0);
-    const float* xp = xf.data_ptr<float>();
-    float* op = out.data_ptr<float>();
+    std::vector<float> padded;
+    const float* xp = x;
+    if (Kp != K) {
+      padded.assign(M * Kp, 0.f);
+      for (int64_t m = 0; m < M; ++m) std::memcpy(&padded[m * Kp], x + m * K, K * sizeof(float));
+      xp = padded.data();
+    }
+    float* op = static_cast<float*>(out);
     parallel_groups(groups, M * N * K, [&](int64_t g) {
       const int64_t nb0 = g * 4, nb1 = std::min(NB, g * 4 + 4);
 #if defined(__AVX512F__)
@@ -667,25 +647,24 @@ Tensor int8_linear(const Tensor& x, const Tensor& packed, const Tensor& wsum, co
 #endif
       weight_only(xp, wp, M, N, Kp, nb0, nb1, swp, bp, op, path);
     });
-    return out;
+    return;
   }
 
   std::vector<float> sx(M);
-  Epilogue ep{wsum.data_ptr<int32_t>(), swp, bp, sx.data(),
-              raw ? nullptr : out.data_ptr<float>(), raw ? out.data_ptr<int32_t>() : nullptr,
-              N, raw};
+  Epilogue ep{wsum, swp, bp, sx.data(), raw ? nullptr : static_cast<float*>(out),
+              raw ? static_cast<int32_t*>(out) : nullptr, N, raw};
 #if PYENGINE_HAS_VNNI
   if (path == Path::Vnni) {
     std::vector<uint8_t> xu(M * Kp);
-    quantize_rows<uint8_t>(xc.data_ptr<float>(), M, K, Kp, xu.data(), sx.data());
+    quantize_rows<uint8_t>(x, M, K, Kp, xu.data(), sx.data());
     parallel_groups(groups, M * N * K, [&](int64_t g) {
       gemm_vnni(xu.data(), wp, M, N, Kp, g * 4, std::min(NB, g * 4 + 4), ep);
     });
-    return out;
+    return;
   }
 #endif
   std::vector<int16_t> xq(M * Kp);
-  quantize_rows<int16_t>(xc.data_ptr<float>(), M, K, Kp, xq.data(), sx.data());
+  quantize_rows<int16_t>(x, M, K, Kp, xq.data(), sx.data());
   parallel_groups(groups, M * N * K, [&](int64_t g) {
     const int64_t nb0 = g * 4, nb1 = std::min(NB, g * 4 + 4);
 #if PYENGINE_HAS_AVX2
@@ -696,10 +675,56 @@ Tensor int8_linear(const Tensor& x, const Tensor& packed, const Tensor& wsum, co
 #endif
     gemm_scalar(xq.data(), wp, M, N, Kp, nb0, nb1, ep);
   });
+}
+
+// ---- the op ------------------------------------------------------------------------------------
+
+Tensor int8_linear(const Tensor& x, const Tensor& packed, const Tensor& wsum, const Tensor& scale,
+                   const std::optional<Tensor>& bias, int64_t out_features, int64_t act,
+                   bool raw) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: x must be float32, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "int8_linear: x must be 2-D [M,K], got ", x.dim(), "-D");
+  TORCH_CHECK(act == 0 || act == 1, "int8_linear: act must be 0 (dynamic) or 1 (none), got ", act);
+  TORCH_CHECK(!raw || act == 0, "int8_linear: raw accumulators exist only for act=dynamic");
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  check_packed_weight(packed, wsum, scale, N, K, "int8_linear", "");
+  const Tensor sw = scale.contiguous();
+  Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N,
+                "int8_linear: bias must be float32 [", N, "]");
+    b = bias->contiguous();
+  }
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty({M, N}, x.options().dtype(raw ? at::kInt : at::kFloat));
+  run_int8_linear(xc.data_ptr<float>(), M, K, packed.data_ptr<int8_t>(),
+                  wsum.data_ptr<int32_t>(), sw.data_ptr<float>(),
+                  b.defined() ? b.data_ptr<float>() : nullptr, N, act, raw, out.data_ptr());
   return out;
 }
 
 }  // namespace
+
+void int8_matmul(const float* x, int64_t M, int64_t K, const int8_t* packed, const int32_t* wsum,
+                 const float* scale, const float* bias, int64_t N, int64_t act, float* out) {
+  run_int8_linear(x, M, K, packed, wsum, scale, bias, N, act, false, out);
+}
+
+void check_packed_weight(const Tensor& packed, const Tensor& wsum, const Tensor& scale, int64_t N,
+                         int64_t K, const char* op, const char* name) {
+  TORCH_CHECK(K <= kMaxK, op, ": ", name, "in_features ", K, " exceeds ", kMaxK);
+  const int64_t NB = ceil_div(N, kPanel), KB = ceil_div(K, kGroup);
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 1 && packed.is_contiguous(),
+              op, ": ", name, "packed must be the 1-D int8 tensor from int8_pack_weight");
+  TORCH_CHECK(N >= 0 && packed.numel() == NB * KB * 64, op, ": ", name, "packed has ",
+              packed.numel(), " bytes, expected ", NB * KB * 64, " for N=", N, ", K=", K);
+  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.numel() == NB * kPanel &&
+                  wsum.is_contiguous(),
+              op, ": ", name, "wsum must be the int32 tensor from int8_pack_weight");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == N, op,
+              ": ", name, "scale must be float32 [", N, "]");
+}
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
   m.impl("int8_pack_weight", &int8_pack_weight);

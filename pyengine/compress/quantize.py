@@ -2,8 +2,8 @@
 
 - every torch.nn.Linear (including an LM head) -> pyengine.nn.Int8Linear (act="dynamic": W8A8
   with int32 accumulation; act="none": weight-only);
-- every pyengine.nn.LSTM -> pyengine.nn.QuantizedLSTM (int8 weights + per-row scales,
-  dequantized to float for the fused float kernel: weight-only);
+- every pyengine.nn.LSTM -> pyengine.nn.QuantizedLSTM (int8 weights + per-row scales; the input
+  projection and every step's recurrent matmul run in int8, with the same `act`);
 - torch.nn.LSTM / LSTMCell are first swapped for ours with pyengine.patch, then quantized.
 
 nn.Embedding stays float. A head tied to the embedding gets its own int8 copy (the embedding keeps
@@ -27,7 +27,7 @@ def _convert(module: nn.Module, act: str) -> nn.Module | None:
     if type(module) is nn.Linear:
         return Int8Linear.from_float(module, act=act)
     if type(module) is LSTM:
-        return QuantizedLSTM.from_float(module)
+        return QuantizedLSTM.from_float(module, act=act)
     return None
 
 

@@ -102,6 +102,10 @@ class LSTM(nn.Module):
     def _directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    def _layer_function(self):
+        """The kernel of one layer-direction, called with each tuple of _layer_weights()."""
+        return lstm_layer
+
     def _layer_weights(self) -> list[tuple]:
         weights = []
         for layer in range(self.num_layers):
@@ -163,6 +167,7 @@ class LSTM(nn.Module):
             x, h0, c0, self._layer_weights(),
             num_layers=self.num_layers, bidirectional=self.bidirectional,
             dropout=self.dropout, training=self.training, batch_sizes=batch_sizes,
+            layer_fn=self._layer_function(),
         )
         if packed:
             output = PackedSequence(

@@ -1,24 +1,27 @@
 """Int8 inference modules: Int8Linear and QuantizedLSTM (made by pyengine.quantize).
 
-Int8Linear keeps its weight as int8 `qweight` [N,K] + float32 `scale` [N] (+ float32 `bias`):
-that is all its state_dict holds (about a quarter of the float32 size). The kernel's packed
-layout of the weight is made on first use and remade whenever `qweight` changes (e.g. after
-load_state_dict), never saved.
+Both keep their weights as int8 `qweight` + float32 per-row `scale` (+ float32 biases): that is
+all their state_dict holds (about a quarter of the float32 size). The kernels' packed layout of a
+weight is made on first use and remade whenever the int8 weight changes (e.g. after
+load_state_dict), never saved. Inference only: no gradients flow through them.
 
-QuantizedLSTM is weight-only: its weights are stored as int8 + per-row scale (state_dict about a
-quarter of float32) and dequantized to float32 once (cached until the int8 weights change), then
-the fused float LSTM kernel runs. Memory in use at run time is therefore that of the float model;
-the saving is on disk/transfer, and accuracy is that of int8 weights. (A fused int8 LSTM, with
-the input projection and the recurrent GEMM of every step in int8, is not implemented.)
+QuantizedLSTM computes in int8 too: per layer and direction the input projection of all steps is
+one int8 matmul, and every step multiplies the hidden state by w_hh in int8 inside the C++ time
+loop (pyengine.ops.int8_lstm_layer), with the cell step fused in float32. act="dynamic" quantizes
+the rows of x and h on the fly (W8A8, int32 accumulation); act="none" keeps them float
+(weight-only).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
 from pyengine.nn.lstm import LSTM
 from pyengine.ops.int8 import ACTS, _int8_linear, int8_linear, pack_weight, quantize_per_channel
+from pyengine.ops.int8_lstm import Int8Weight, int8_lstm_layer
 
 
 class Int8Linear(nn.Module):
@@ -95,15 +98,19 @@ class Int8Linear(nn.Module):
 
 
 class QuantizedLSTM(LSTM):
-    """pyengine.nn.LSTM with int8 weights (weight-only, see the module docstring).
+    """pyengine.nn.LSTM with int8 weights and int8 matmuls (see the module docstring).
 
     state_dict: `<weight>_qweight` (int8) and `<weight>_scale` (float32 per row) for every
-    weight matrix, the biases in float32.
+    weight matrix, the biases in float32. Inputs of other float dtypes are computed in float32
+    and returned in their dtype.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, act: str = "dynamic", **kwargs) -> None:
+        if act not in ACTS:
+            raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
         kwargs["device"] = "meta"
         super().__init__(*args, **kwargs)
+        self.act = act
         self._weight_names = [n for n in self._flat_weights_names if n.startswith("weight")]
         for name in self._flat_weights_names:
             param = self._parameters.pop(name)
@@ -120,7 +127,7 @@ class QuantizedLSTM(LSTM):
         pass
 
     @classmethod
-    def from_float(cls, lstm: nn.Module) -> QuantizedLSTM:
+    def from_float(cls, lstm: nn.Module, act: str = "dynamic") -> QuantizedLSTM:
         """Quantize a pyengine.nn.LSTM (torch.nn.LSTM: pyengine.patch it first)."""
         if isinstance(lstm, nn.LSTM):
             from pyengine.patch import patch
@@ -129,7 +136,7 @@ class QuantizedLSTM(LSTM):
         if not isinstance(lstm, LSTM):
             raise TypeError(f"lstm must be a pyengine.nn.LSTM, got {type(lstm).__name__}")
         new = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias,
-                  lstm.batch_first, lstm.dropout, lstm.bidirectional, lstm.proj_size)
+                  lstm.batch_first, lstm.dropout, lstm.bidirectional, lstm.proj_size, act=act)
         device = next(lstm.parameters()).device
         new.to(device)
         for name in lstm._flat_weights_names:
@@ -143,32 +150,52 @@ class QuantizedLSTM(LSTM):
         new.train(lstm.training)
         return new
 
-    def _dequantized(self) -> list[tuple]:
-        """Float weights per (layer, direction), rebuilt only when an int8 buffer changed."""
+    def _layer_function(self):
+        return functools.partial(int8_lstm_layer, act=self.act)
+
+    def _layer_weights(self) -> list[tuple]:
+        """(w_ih, w_hh, b_ih + b_hh, w_hr) per (layer, direction), packed for the int8 kernel;
+        rebuilt only when an int8 buffer or a bias changed."""
         buf = self._buffers
-        key = tuple((buf[n + "_qweight"].data_ptr(), buf[n + "_qweight"]._version,
-                     buf[n + "_scale"].data_ptr(), buf[n + "_scale"]._version)
-                    for n in self._weight_names)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in buf.values())
         if self._cache is None or self._cache_key != key:
-            w = {n: buf[n + "_qweight"].float() * buf[n + "_scale"][:, None]
-                 for n in self._weight_names}
             out = []
             for layer in range(self.num_layers):
                 for direction in range(self._directions):
                     sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                    out.append((
-                        w["weight_ih" + sfx], w["weight_hh" + sfx],
-                        buf["bias_ih" + sfx] if self.bias else None,
-                        buf["bias_hh" + sfx] if self.bias else None,
-                        w["weight_hr" + sfx] if self.proj_size > 0 else None,
-                    ))
+
+                    def weight(name, sfx=sfx):
+                        return Int8Weight.from_int8(buf[name + sfx + "_qweight"],
+                                                    buf[name + sfx + "_scale"])
+
+                    bias = buf["bias_ih" + sfx] + buf["bias_hh" + sfx] if self.bias else None
+                    hr = weight("weight_hr") if self.proj_size > 0 else None
+                    out.append((weight("weight_ih"), weight("weight_hh"), bias, hr))
             self._cache = out
             self._cache_key = key
         return self._cache
 
-    def _layer_weights(self) -> list[tuple]:
-        return self._dequantized()
+    def dequantized_state_dict(self) -> dict[str, torch.Tensor]:
+        """torch.nn.LSTM's state_dict with the int8 weights dequantized to float32."""
+        buf = self._buffers
+        return {name: (buf[name + "_qweight"].float() * buf[name + "_scale"][:, None]
+                       if name.startswith("weight") else buf[name].clone())
+                for name in self._flat_weights_names}
+
+    def forward(self, input, hx=None):
+        if isinstance(input, torch.Tensor) and input.is_floating_point() and (
+                input.dtype != torch.float32):
+            dtype = input.dtype
+            if hx is not None:
+                hx = tuple(t.float() for t in hx)
+            output, (h, c) = super().forward(input.float(), hx)
+            return output.to(dtype), (h.to(dtype), c.to(dtype))
+        with torch.no_grad():
+            return super().forward(input, hx)
 
     @property
     def all_weights(self):
         raise AttributeError("QuantizedLSTM holds int8 weights; read <name>_qweight/_scale")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", act={self.act!r}"

@@ -8,6 +8,8 @@ on CUDA.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pyengine.ops._common import (
@@ -100,12 +102,15 @@ def lstm(
     dropout: float = 0.0,
     training: bool = False,
     batch_sizes: torch.Tensor | None = None,
+    layer_fn: Callable = lstm_layer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A stack of LSTM layers, as torch.nn.LSTM computes it (time-major).
 
     input: [T,N,I]  h0: [L*D,N,P]  c0: [L*D,N,H]; weights: L*D tuples
     (w_ih, w_hh, b_ih, b_hh, w_hr) in torch's order (layer-major, forward before reverse).
     Dropout is applied to the output of every layer but the last when training.
+    `layer_fn(x, h0, c0, *weights[i], batch_sizes, reverse=)` runs one layer-direction: lstm_layer,
+    or another kernel taking its own weight tuples (the int8 LSTM).
     Returns output [T,N,D*P], h_n [L*D,N,P], c_n [L*D,N,H].
     """
     directions = 2 if bidirectional else 1
@@ -119,10 +124,8 @@ def lstm(
         outputs = []
         for direction in range(directions):
             index = layer * directions + direction
-            w_ih, w_hh, b_ih, b_hh, w_hr = weights[index]
-            out, h, c = lstm_layer(
-                x, h0[index], c0[index], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
-                reverse=direction == 1,
+            out, h, c = layer_fn(
+                x, h0[index], c0[index], *weights[index], batch_sizes, reverse=direction == 1
             )
             outputs.append(out)
             h_n.append(h)

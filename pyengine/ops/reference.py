@@ -167,6 +167,28 @@ def int8_linear(x, qweight, scale, bias=None, act="dynamic"):
     return out.reshape(*x.shape[:-1], qweight.shape[0])
 
 
+def int8_lstm_layer(input, h0, c0, w_ih, w_hh, bias=None, w_hr=None, batch_sizes=None,
+                    reverse=False, act="dynamic"):
+    """Reference of ops.int8_lstm_layer in float64: lstm_layer's recurrence with every matmul
+    replaced by int8_linear's reference. w_*: (qweight int8, scale float32) pairs."""
+    T, N, _ = input.shape
+    h, c = h0.double(), c0.double()
+    gates_x = int8_linear(input, *w_ih, bias, act)
+    outputs = [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        B = int(batch_sizes[t]) if batch_sizes is not None else N
+        gates = gates_x[t, :B] + int8_linear(h[:B].float(), *w_hh, None, act)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c[:B] + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = int8_linear(h_new.float(), *w_hr, None, act)
+        h = torch.cat([h_new, h[B:]])
+        c = torch.cat([c_new, c[B:]])
+        outputs[t] = torch.cat([h_new, h_new.new_zeros(N - B, h_new.shape[1])])
+    return torch.stack(outputs), h, c
+
+
 def unit_importance(weights, dims, blocks=None, kind="l2", grads=None):
     """Reference of ops.unit_importance in float64: each tensor's terms summed per unit."""
     blocks = blocks or [1] * len(weights)
