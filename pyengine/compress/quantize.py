@@ -4,6 +4,7 @@
   with int32 accumulation; act="none": weight-only);
 - every pyengine.nn.LSTM -> pyengine.nn.QuantizedLSTM (int8 weights + per-row scales; the input
   projection and every step's recurrent matmul run in int8, with the same `act`);
+- every pyengine.nn.LSTMCell -> pyengine.nn.QuantizedLSTMCell (one step of the same kernel);
 - torch.nn.LSTM / LSTMCell are first swapped for ours with pyengine.patch, then quantized.
 
 nn.Embedding stays float. A head tied to the embedding gets its own int8 copy (the embedding keeps
@@ -16,18 +17,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from pyengine.nn.lstm import LSTM
-from pyengine.nn.quantized import Int8Linear, QuantizedLSTM
+from pyengine.nn.lstm import LSTM, LSTMCell
+from pyengine.nn.quantized import Int8Linear, QuantizedLSTM, QuantizedLSTMCell
 from pyengine.ops.int8 import ACTS
 
 
 def _convert(module: nn.Module, act: str) -> nn.Module | None:
-    if isinstance(module, (Int8Linear, QuantizedLSTM)):
+    if isinstance(module, (Int8Linear, QuantizedLSTM, QuantizedLSTMCell)):
         return None
     if type(module) is nn.Linear:
         return Int8Linear.from_float(module, act=act)
     if type(module) is LSTM:
         return QuantizedLSTM.from_float(module, act=act)
+    if type(module) is LSTMCell:
+        return QuantizedLSTMCell.from_float(module, act=act)
     return None
 
 

@@ -3,7 +3,7 @@
 from pyengine.nn import utils
 from pyengine.nn.loss import CrossEntropyLoss, FocalLoss, LinearCrossEntropyLoss
 from pyengine.nn.lstm import LSTM, LSTMCell
-from pyengine.nn.quantized import Int8Linear, QuantizedLSTM
+from pyengine.nn.quantized import Int8Linear, QuantizedLSTM, QuantizedLSTMCell
 
 __all__ = [
     "CrossEntropyLoss",
@@ -13,5 +13,6 @@ __all__ = [
     "LSTMCell",
     "LinearCrossEntropyLoss",
     "QuantizedLSTM",
+    "QuantizedLSTMCell",
     "utils",
 ]

@@ -241,6 +241,13 @@ class LSTMCell(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
 
+    def _layer_function(self):
+        """The layer kernel the step runs on (T = 1), called with _cell_weights()."""
+        return lstm_layer
+
+    def _cell_weights(self) -> tuple:
+        return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+
     def forward(self, input, hx=None):
         check_tensor(input, "input", ndim=(1, 2))
         batched = input.dim() == 2
@@ -263,9 +270,7 @@ class LSTMCell(nn.Module):
                     raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
             if not batched:
                 h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
-        _, h1, c1 = lstm_layer(
-            x.unsqueeze(0), h0, c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
-        )
+        _, h1, c1 = self._layer_function()(x.unsqueeze(0), h0, c0, *self._cell_weights())
         if not batched:
             return h1.squeeze(0), c1.squeeze(0)
         return h1, c1

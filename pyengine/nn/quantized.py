@@ -19,7 +19,7 @@ import functools
 import torch
 from torch import nn
 
-from pyengine.nn.lstm import LSTM
+from pyengine.nn.lstm import LSTM, LSTMCell
 from pyengine.ops.int8 import ACTS, _int8_linear, int8_linear, pack_weight, quantize_per_channel
 from pyengine.ops.int8_lstm import Int8Weight, int8_lstm_layer
 
@@ -97,23 +97,15 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, act={self.act!r}")
 
 
-class QuantizedLSTM(LSTM):
-    """pyengine.nn.LSTM with int8 weights and int8 matmuls (see the module docstring).
+class _Int8Weights:
+    """Shared by the quantized recurrent modules: float parameters become int8 buffers, and the
+    kernels' packed weights are cached until a buffer changes."""
 
-    state_dict: `<weight>_qweight` (int8) and `<weight>_scale` (float32 per row) for every
-    weight matrix, the biases in float32. Inputs of other float dtypes are computed in float32
-    and returned in their dtype.
-    """
-
-    def __init__(self, *args, act: str = "dynamic", **kwargs) -> None:
-        if act not in ACTS:
-            raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
-        kwargs["device"] = "meta"
-        super().__init__(*args, **kwargs)
-        self.act = act
-        self._weight_names = [n for n in self._flat_weights_names if n.startswith("weight")]
-        for name in self._flat_weights_names:
+    def _params_to_int8_buffers(self, names: list[str]) -> None:
+        for name in names:
             param = self._parameters.pop(name)
+            if param is None:
+                continue
             if name.startswith("weight"):
                 self.register_buffer(name + "_qweight",
                                      torch.zeros(param.shape, dtype=torch.int8))
@@ -123,12 +115,65 @@ class QuantizedLSTM(LSTM):
         self._cache_key = None
         self._cache = None
 
+    def _copy_quantized(self, source: nn.Module, names: list[str]) -> None:
+        for name in names:
+            value = getattr(source, name)
+            if value is None:
+                continue
+            if name.startswith("weight"):
+                q, s = quantize_per_channel(value.detach())
+                getattr(self, name + "_qweight").copy_(q)
+                getattr(self, name + "_scale").copy_(s)
+            else:
+                getattr(self, name).copy_(value.detach().float())
+
+    def _int8_weight(self, name: str) -> Int8Weight:
+        return Int8Weight.from_int8(self._buffers[name + "_qweight"],
+                                    self._buffers[name + "_scale"])
+
+    def _bias_sum(self, suffix: str = "") -> torch.Tensor | None:
+        if not self.bias:
+            return None
+        return self._buffers["bias_ih" + suffix] + self._buffers["bias_hh" + suffix]
+
+    def _cached(self, build):
+        """build() once per version of the int8 buffers and biases."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in self._buffers.values())
+        if self._cache is None or self._cache_key != key:
+            self._cache = build()
+            self._cache_key = key
+        return self._cache
+
+    def _layer_function(self):
+        return functools.partial(int8_lstm_layer, act=self.act)
+
+
+def _check_act(act: str) -> None:
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
+
+
+class QuantizedLSTM(_Int8Weights, LSTM):
+    """pyengine.nn.LSTM with int8 weights and int8 matmuls (see the module docstring).
+
+    state_dict: `<weight>_qweight` (int8) and `<weight>_scale` (float32 per row) for every
+    weight matrix, the biases in float32. Inputs of other float dtypes are computed in float32
+    and returned in their dtype.
+    """
+
+    def __init__(self, *args, act: str = "dynamic", **kwargs) -> None:
+        _check_act(act)
+        kwargs["device"] = "meta"
+        super().__init__(*args, **kwargs)
+        self.act = act
+        self._params_to_int8_buffers(self._flat_weights_names)
+
     def reset_parameters(self) -> None:  # weights come from from_float / load_state_dict
         pass
 
     @classmethod
     def from_float(cls, lstm: nn.Module, act: str = "dynamic") -> QuantizedLSTM:
-        """Quantize a pyengine.nn.LSTM (torch.nn.LSTM: pyengine.patch it first)."""
+        """Quantize a pyengine.nn.LSTM (a torch.nn.LSTM is pyengine.patch-ed first)."""
         if isinstance(lstm, nn.LSTM):
             from pyengine.patch import patch
 
@@ -137,43 +182,25 @@ class QuantizedLSTM(LSTM):
             raise TypeError(f"lstm must be a pyengine.nn.LSTM, got {type(lstm).__name__}")
         new = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias,
                   lstm.batch_first, lstm.dropout, lstm.bidirectional, lstm.proj_size, act=act)
-        device = next(lstm.parameters()).device
-        new.to(device)
-        for name in lstm._flat_weights_names:
-            value = getattr(lstm, name).detach()
-            if name.startswith("weight"):
-                q, s = quantize_per_channel(value)
-                getattr(new, name + "_qweight").copy_(q)
-                getattr(new, name + "_scale").copy_(s)
-            else:
-                getattr(new, name).copy_(value.float())
+        new.to(next(lstm.parameters()).device)
+        new._copy_quantized(lstm, lstm._flat_weights_names)
         new.train(lstm.training)
         return new
 
-    def _layer_function(self):
-        return functools.partial(int8_lstm_layer, act=self.act)
-
     def _layer_weights(self) -> list[tuple]:
-        """(w_ih, w_hh, b_ih + b_hh, w_hr) per (layer, direction), packed for the int8 kernel;
-        rebuilt only when an int8 buffer or a bias changed."""
-        buf = self._buffers
-        key = tuple((t.data_ptr(), t._version, t.device) for t in buf.values())
-        if self._cache is None or self._cache_key != key:
+        """(w_ih, w_hh, b_ih + b_hh, w_hr) per (layer, direction), packed for the int8 kernel."""
+
+        def build():
             out = []
             for layer in range(self.num_layers):
                 for direction in range(self._directions):
                     sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                    hr = self._int8_weight("weight_hr" + sfx) if self.proj_size > 0 else None
+                    out.append((self._int8_weight("weight_ih" + sfx),
+                                self._int8_weight("weight_hh" + sfx), self._bias_sum(sfx), hr))
+            return out
 
-                    def weight(name, sfx=sfx):
-                        return Int8Weight.from_int8(buf[name + sfx + "_qweight"],
-                                                    buf[name + sfx + "_scale"])
-
-                    bias = buf["bias_ih" + sfx] + buf["bias_hh" + sfx] if self.bias else None
-                    hr = weight("weight_hr") if self.proj_size > 0 else None
-                    out.append((weight("weight_ih"), weight("weight_hh"), bias, hr))
-            self._cache = out
-            self._cache_key = key
-        return self._cache
+        return self._cached(build)
 
     def dequantized_state_dict(self) -> dict[str, torch.Tensor]:
         """torch.nn.LSTM's state_dict with the int8 weights dequantized to float32."""
@@ -188,7 +215,7 @@ class QuantizedLSTM(LSTM):
             dtype = input.dtype
             if hx is not None:
                 hx = tuple(t.float() for t in hx)
-            output, (h, c) = super().forward(input.float(), hx)
+            output, (h, c) = self.forward(input.float(), hx)
             return output.to(dtype), (h.to(dtype), c.to(dtype))
         with torch.no_grad():
             return super().forward(input, hx)
@@ -196,6 +223,54 @@ class QuantizedLSTM(LSTM):
     @property
     def all_weights(self):
         raise AttributeError("QuantizedLSTM holds int8 weights; read <name>_qweight/_scale")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", act={self.act!r}"
+
+
+class QuantizedLSTMCell(_Int8Weights, LSTMCell):
+    """pyengine.nn.LSTMCell with int8 weights: one step of the int8 LSTM kernel.
+
+    state_dict as QuantizedLSTM's (weight_ih/weight_hh as _qweight + _scale, float biases).
+    """
+
+    _names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 act: str = "dynamic", device=None) -> None:
+        _check_act(act)
+        super().__init__(input_size, hidden_size, bias, device="meta")
+        self.act = act
+        self._params_to_int8_buffers(list(self._names))
+        if device is not None:
+            self.to(device)
+
+    def reset_parameters(self) -> None:
+        pass
+
+    @classmethod
+    def from_float(cls, cell: nn.Module, act: str = "dynamic") -> QuantizedLSTMCell:
+        """Quantize a pyengine.nn.LSTMCell or torch.nn.LSTMCell."""
+        if not isinstance(cell, (LSTMCell, nn.LSTMCell)):
+            raise TypeError(f"cell must be an LSTMCell, got {type(cell).__name__}")
+        new = cls(cell.input_size, cell.hidden_size, cell.bias, act,
+                  device=cell.weight_ih.device)
+        new._copy_quantized(cell, list(cls._names))
+        return new
+
+    def _cell_weights(self) -> tuple:
+        return self._cached(lambda: (self._int8_weight("weight_ih"),
+                                     self._int8_weight("weight_hh"), self._bias_sum()))
+
+    def forward(self, input, hx=None):
+        if isinstance(input, torch.Tensor) and input.is_floating_point() and (
+                input.dtype != torch.float32):
+            dtype = input.dtype
+            if hx is not None:
+                hx = tuple(t.float() for t in hx)
+            return tuple(t.to(dtype) for t in self.forward(input.float(), hx))
+        with torch.no_grad():
+            return super().forward(input, hx)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act!r}"

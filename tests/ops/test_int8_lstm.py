@@ -244,3 +244,31 @@ def test_quantized_lstm_packed_sequence_dtype_and_state_dict():
         before = q(x.float())[0]
         q.weight_hh_l0_qweight.zero_()
         assert not torch.equal(q(x.float())[0], before)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("act", ["dynamic", "none"])
+def test_quantized_lstm_cell(bias, act):
+    from pyengine.nn import QuantizedLSTMCell
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LSTMCell(7, 11, bias=bias))
+    x, h, c = torch.randn(3, 7), torch.randn(3, 11) * 0.5, torch.randn(3, 11) * 0.5
+    with torch.no_grad():
+        want = model[0](x, (h, c))
+    q = pyengine.quantize(model, act=act, inplace=False)
+    assert isinstance(q[0], QuantizedLSTMCell) and q[0].act == act
+    with torch.no_grad():
+        got = q[0](x, (h, c))
+        unbatched = q[0](x[0], (h[0], c[0]))
+        zero_state = q[0](x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0.02, rtol=0)
+    torch.testing.assert_close(unbatched[0], got[0][0])
+    ws = q[0]._cell_weights()
+    ref = reference.int8_lstm_layer(x[None], h, c, *_pairs(ws[0], ws[1]), ws[2], act=act)
+    torch.testing.assert_close(got[0].double(), ref[1], atol=2e-5, rtol=1e-5)
+    assert zero_state[0].shape == (3, 11)
+    keys = set(q.state_dict())
+    assert "0.weight_ih_qweight" in keys and ("0.bias_ih" in keys) == bias
+    assert q.state_dict()["0.weight_hh_qweight"].dtype == torch.int8
