@@ -177,6 +177,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_b_ih = b_ih is not None
     ctx.has_b_hh = b_hh is not None
     ctx.mark_non_differentiable(gates, cells)
+    # Unused outputs (h_n, c_n, and always gates/cells) arrive as None instead of zero tensors
+    # as large as the saved activations: the backward op takes empty tensors for them.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
