@@ -11,6 +11,9 @@ float32. Implementations, all timed in one process, alternating:
   eager        F.cross_entropy on materialised logits (gamma 0); log_softmax + gather + pow
                (gamma 2, the eager focal formula)
   compiled     torch.compile of the eager formula (gamma 0 and 2)
+Ratios: speedup vs eager = eager's median time (same gamma) over this one's (x faster);
+vs_floor = this one's time over the three matmuls' time. Scaling: ours against eager (gamma 0),
+time against the vocabulary size.
 Peak memory: the resident-set growth (pyengine.benchmarking.peak_rss_delta) of one step, each
 case in a fresh subprocess (CUDA: torch.cuda peak allocated, in process).
 """
@@ -28,6 +31,8 @@ import torch.nn.functional as F
 
 import pyengine
 from pyengine.benchmarking import (
+    COMPILE_SKIPPED,
+    SPEEDUP_NOTE,
     cuda_peak_memory,
     machine_info,
     markdown_table,
@@ -35,12 +40,17 @@ from pyengine.benchmarking import (
     measure,
     peak_rss_delta,
     save_rows_json,
+    scaling_sweep,
+    scaling_table,
+    speedup,
     write_results_section,
 )
 
 N = 8192
 SHAPES = [(N, 128, 8192), (N, 128, 32000), (N, 512, 8192), (N, 512, 32000)]  # (N, H, V)
 QUICK_SHAPES = [(256, 32, 512), (200, 48, 1000)]
+SWEEP_V = [1024, 4096, 16384, 32000, 65536]  # at N=4096, H=256
+QUICK_SWEEP_V = [256, 2048]  # at N=128, H=32
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 IMPLS = ["floor", "ours_g0", "ours_g2", "eager_g0", "eager_g2", "compiled_g0", "compiled_g2"]
 
@@ -85,8 +95,9 @@ def step_fn(impl, hidden, weight, target):
         loss_fn = lambda: eager_loss(hidden, weight, target, gamma)
     else:
         if gamma not in _COMPILED:
-            _COMPILED[gamma] = torch.compile(lambda h, w, t: eager_loss(h, w, t, gamma),
-                                             fullgraph=True)
+            _COMPILED[gamma] = torch.compile(
+                lambda h, w, t: eager_loss(h, w, t, gamma), fullgraph=True
+            )
         compiled = _COMPILED[gamma]
         loss_fn = lambda: compiled(hidden, weight, target)
 
@@ -109,8 +120,15 @@ def memory_case(impl, shape, device) -> int | None:
 
 
 def memory_in_subprocess(impl, shape, device) -> int | None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-case", impl,
-           ",".join(map(str, shape)), "--device", device]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memory-case",
+        impl,
+        ",".join(map(str, shape)),
+        "--device",
+        device,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         print(out.stderr[-2000:], file=sys.stderr)
@@ -118,14 +136,15 @@ def memory_in_subprocess(impl, shape, device) -> int | None:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
-def run(quick: bool, device: str, impls: list[str]) -> list[dict]:
+def run(quick: bool, device: str, impls: list[str], peak_gflops: float) -> list[dict]:
     rows = []
-    for shape in (QUICK_SHAPES if quick else SHAPES):
+    for shape in QUICK_SHAPES if quick else SHAPES:
         n, h, v = shape
         hidden, weight, target = make_inputs(n, h, v, device)
         cases = {impl: step_fn(impl, hidden, weight, target) for impl in impls}
-        timings = measure(cases, repeats=3 if quick else 10, warmup=1 if quick else 2,
-                          device=device)
+        timings = measure(
+            cases, repeats=3 if quick else 10, warmup=1 if quick else 2, device=device
+        )
         flops = 3 * 2 * n * h * v
         for impl in impls:
             if device == "cuda":
@@ -133,32 +152,57 @@ def run(quick: bool, device: str, impls: list[str]) -> list[dict]:
             else:
                 peak = memory_in_subprocess(impl, shape, device)
             t = timings[impl]
-            rows.append(dict(
-                shape=f"N={n} H={h} V={v}", impl=impl, ms=round(t.median * 1e3, 2),
+            gflops = flops / t.median / 1e9
+            row = dict(
+                shape=f"N={n} H={h} V={v}",
+                impl=impl,
+                ms=round(t.median * 1e3, 2),
                 vs_floor=round(t.median / timings["floor"].median, 3),
-                gflops=round(flops / t.median / 1e9, 1),
+                gflops=round(gflops, 1),
+                pct_peak=f"{100 * gflops / peak_gflops:.0f}%",
                 peak_mb=round(peak / 2**20, 1) if peak is not None else "n/a",
-                _t=t.median, _peak=peak,
-            ))
-        for impl in impls:  # ratios against eager of the same gamma
-            row = next(r for r in rows if r["impl"] == impl and r["shape"] == f"N={n} H={h} V={v}")
+                _t=t.median,
+                _peak=peak,
+            )
+            if impl != "floor":  # ratios against eager of the same gamma
+                eager = "eager_g" + impl.rsplit("_g", 1)[1]
+                row["speedup vs eager"] = speedup(timings[eager].median, t.median)
+            rows.append(row)
+        shape_rows = {r["impl"]: r for r in rows[-len(impls) :]}
+        for impl, row in shape_rows.items():  # memory against eager of the same gamma
             if impl.startswith("ours"):
-                eager = next(r for r in rows if r["shape"] == row["shape"]
-                             and r["impl"] == "eager" + impl[4:])
-                row["vs_eager"] = round(row["_t"] / eager["_t"], 3)
+                eager = shape_rows["eager" + impl[4:]]
                 if row["_peak"] and eager["_peak"]:
                     row["mem_vs_eager"] = round(row["_peak"] / eager["_peak"], 3)
-        for r in rows[-len(impls):]:
+        for r in rows[-len(impls) :]:
             print({k: v for k, v in r.items() if not k.startswith("_")}, flush=True)
     return rows
+
+
+def sweep(quick: bool, device: str) -> list[dict]:
+    """Ours against eager (gamma 0): time against the vocabulary size."""
+    n, h = (128, 32) if quick else (4096, 256)
+
+    def cases(v):
+        hidden, weight, target = make_inputs(n, h, v, device)
+        return {impl: step_fn(impl, hidden, weight, target) for impl in ("ours_g0", "eager_g0")}
+
+    return scaling_sweep(
+        f"vocabulary V (N={n}, H={h})",
+        QUICK_SWEEP_V if quick else SWEEP_V,
+        cases,
+        baseline="eager_g0",
+        repeats=3 if quick else 10,
+        warmup=1 if quick else 2,
+        device=device,
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "N,H,V"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "N,H,V"), help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
     args = parser.parse_args(argv)
     if args.memory_case:
@@ -169,23 +213,47 @@ def main(argv=None) -> int:
     impls = [i for i in IMPLS if not (args.quick and i.startswith("compiled"))]
     info = machine_info(args.device)
     peak = matmul_peak_gflops(1024 if args.quick else 2048, device=args.device)
-    rows = run(args.quick, args.device, impls)
-    columns = ["shape", "impl", "ms", "vs_floor", "vs_eager", "gflops", "peak_mb",
-               "mem_vs_eager"]
-    table = markdown_table(rows, columns)
+    rows = run(args.quick, args.device, impls, peak)
+    points = sweep(args.quick, args.device)
+    info["matmul peak GFLOP/s"] = f"{peak:.0f}"
+    if args.quick:
+        info["torch.compile"] = COMPILE_SKIPPED
+    columns = [
+        "shape",
+        "impl",
+        "ms",
+        "speedup vs eager",
+        "vs_floor",
+        "gflops",
+        "pct_peak",
+        "peak_mb",
+        "mem_vs_eager",
+    ]
+    table = markdown_table(rows, columns) + "\n\nScaling (ours against eager, gamma 0):\n\n"
+    table += scaling_table(points)
     header = (
         f"## Linear + cross-entropy, forward + backward ({args.device})\n\n"
-        f"{info}\n\nmatmul peak this run: {peak:.0f} GFLOP/s. vs_floor: time over the three "
-        "matmuls alone; vs_eager / mem_vs_eager: ours over eager at the same gamma; "
-        "peak_mb: resident-set growth of one step, each case in its own process.\n\n"
+        f"{', '.join(f'{k}: {v}' for k, v in info.items())}\n\n"
+        f"{SPEEDUP_NOTE} eager is the same gamma's eager formula. vs_floor: time "
+        "over the three matmuls alone; gflops / pct_peak: the three matmuls' FLOPs over the "
+        "time, against the float32 matmul peak measured in this run; peak_mb: resident-set "
+        "growth of one step, each case in its own process (CUDA: peak allocated); "
+        "mem_vs_eager: ours' peak over eager's at the same gamma.\n\n"
     )
-    print(table)
+    print(header + table)
     if not args.quick:
         write_results_section(RESULTS, f"cross-entropy-{args.device}", header + table)
     if args.json:
-        save_rows_json(args.json, f"cross-entropy-{args.device}", rows, info,
-                       case_key="shape", impl_key="impl",
-                       ratio_key="vs_floor")
+        save_rows_json(
+            args.json,
+            f"cross-entropy-{args.device}",
+            rows,
+            info,
+            case_key="shape",
+            impl_key="impl",
+            ratio_key="speedup vs eager",
+            scaling=points,
+        )
     return 0
 
 

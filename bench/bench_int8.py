@@ -6,8 +6,11 @@
 One process run. Cases per M: float32 F.linear (MKL/oneDNN sgemm); ours, act="dynamic"
 (W8A8, fused per-row quantization, int32 accumulation and dequant epilogue; weight prepacked);
 ours, act="none" (weight-only); torch.ao.quantization.quantize_dynamic on the same nn.Linear
-(fbgemm/onednn W8A8). Then greedy generation tokens/s of an LSTMLanguageModel, float against
-pyengine.quantize(model). The full run writes the int8 section of bench/RESULTS.md.
+(fbgemm/onednn W8A8); torch.compile of the eager weight-only formula (dequantize, F.linear; full
+runs only). Then greedy generation tokens/s of an LSTMLanguageModel, float against
+pyengine.quantize(model). On CUDA (--device cuda) also our Triton kernel against cuBLAS:
+F.linear in float32 and bfloat16, torch._int_mm + dequant. Scaling: ours (dynamic) against
+float32 F.linear, time against M. The full run writes the int8 sections of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -22,7 +25,19 @@ import torch
 import torch.nn.functional as F
 
 import pyengine
-from pyengine.benchmarking import machine_info, markdown_table, measure, write_results_section
+from pyengine.benchmarking import (
+    COMPILE_SKIPPED,
+    SPEEDUP_NOTE,
+    machine_info,
+    markdown_table,
+    matmul_peak_gflops,
+    measure,
+    save_rows_json,
+    scaling_sweep,
+    scaling_table,
+    speedup,
+    write_results_section,
+)
 from pyengine.nn import Int8Linear
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -36,41 +51,68 @@ def _ao_dynamic(linear: torch.nn.Linear) -> torch.nn.Module:
         )
 
 
-def bench_linear(Ms, K, N, repeats, quick):
+def dequant_linear(x, qweight, scale, bias):
+    """The eager weight-only int8 formula: dequantize the weight, then a float32 F.linear."""
+    return F.linear(x, qweight.float() * scale[:, None], bias)
+
+
+def cpu_cases(K, N, compile_):
+    """-> (fn(x) -> {name: case}, the float32 nn.Linear, ours act="dynamic")."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(K, N)
     ours = Int8Linear.from_float(linear, act="dynamic")
     ours_wo = Int8Linear.from_float(linear, act="none")
     ao = _ao_dynamic(linear)
+    q, s = pyengine.ops.quantize_per_channel(linear.weight.detach())
+    compiled = torch.compile(dequant_linear) if compile_ else None
+
+    def cases(x):
+        c = {
+            "float32 F.linear": lambda: F.linear(x, linear.weight, linear.bias),
+            "ours int8 dynamic": lambda: ours(x),
+            "ours int8 weight-only": lambda: ours_wo(x),
+            "torch.ao quantize_dynamic": lambda: ao(x),
+        }
+        if compiled is not None:
+            c["torch.compile(dequant + F.linear)"] = lambda: compiled(x, q, s, linear.bias)
+        return c
+
+    return cases, linear, ours
+
+
+def bench_linear(Ms, K, N, repeats, quick, peak):
+    make_cases, linear, ours = cpu_cases(K, N, compile_=not quick)
+    float_mb, int8_mb = 4 * N * K / 2**20, (N * K + 4 * N) / 2**20  # int8 + a scale per row
     rows = []
     for M in Ms:
         x = torch.randn(M, K)
-        cases = {
-            "float32 F.linear": lambda x=x: F.linear(x, linear.weight, linear.bias),
-            "ours int8 dynamic": lambda x=x: ours(x),
-            "ours int8 weight-only": lambda x=x: ours_wo(x),
-            "torch.ao quantize_dynamic": lambda x=x: ao(x),
-        }
         with torch.no_grad():
-            times = measure(cases, repeats=repeats, warmup=2 if quick else 3)
+            times = measure(make_cases(x), repeats=repeats, warmup=2 if quick else 3)
             err = (ours(x) - F.linear(x, linear.weight, linear.bias)).abs().max().item()
         base = times["float32 F.linear"].median
         ao_t = times["torch.ao quantize_dynamic"].median
         for name, t in times.items():
-            rows.append({
-                "M": M, "K": K, "N": N, "impl": name,
-                "median ms": f"{t.median * 1e3:.3f}",
-                "vs float32": f"{base / t.median:.2f}x",
-                "vs ao": f"{ao_t / t.median:.2f}x",
-                "GOP/s": f"{2 * M * K * N / t.median / 1e9:.1f}",
-                "max abs err": f"{err:.2e}" if name == "ours int8 dynamic" else "",
-            })
+            gops = 2 * M * K * N / t.median / 1e9
+            rows.append(
+                {
+                    "case": f"M={M} K={K} N={N}",
+                    "impl": name,
+                    "median ms": f"{t.median * 1e3:.3f}",
+                    "speedup vs float32": speedup(base, t.median),
+                    "speedup vs ao": speedup(ao_t, t.median),
+                    "GOP/s": f"{gops:.1f}",
+                    "% of fp32 matmul peak": f"{100 * gops / peak:.0f}%",
+                    "weight MB": f"{int8_mb if 'int8' in name or 'ao' in name else float_mb:.2f}",
+                    "max abs err": f"{err:.2e}" if name == "ours int8 dynamic" else "",
+                }
+            )
     return rows
 
 
-def bench_cuda(Ms, K, N, repeats):
-    """GPU: our Triton kernel (fused quantize + int8 tl.dot + dequant epilogue) against
-    torch._int_mm on the same int8 values followed by a separate dequant, and F.linear."""
+def cuda_cases(K, N):
+    """fn(x) -> {name: case} on CUDA: our Triton kernel (fused quantize + int8 tl.dot + dequant
+    epilogue) against cuBLAS: F.linear in float32 and bfloat16, and torch._int_mm on the same
+    int8 values followed by a separate dequant (only for M > 16, torch._int_mm's limit)."""
     from pyengine.kernels import int8 as triton_int8
 
     from pyengine.ops import int8_linear, quantize_per_channel
@@ -79,29 +121,47 @@ def bench_cuda(Ms, K, N, repeats):
     torch.manual_seed(0)
     w = torch.randn(N, K, device="cuda") * 0.02
     b = torch.randn(N, device="cuda")
+    w16, b16 = w.bfloat16(), b.bfloat16()
     q, s = quantize_per_channel(w)
     packed = pack_weight(q)
-    rows = []
-    for M in Ms:
-        x = torch.randn(M, K, device="cuda")
 
-        def int_mm_then_dequant(x=x):
+    def cases(x):
+        x16 = x.bfloat16()
+
+        def int_mm_then_dequant():
             xq, sx = triton_int8.quantize_rows(x)
             acc = torch._int_mm(xq, q.t())
             return acc.float() * (sx[:, None] * s[None, :]) + b
 
-        cases = {
-            "float32 F.linear": lambda x=x: F.linear(x, w, b),
-            "ours Triton int8 dynamic": lambda x=x: int8_linear(x, q, s, b, packed=packed),
+        c = {
+            "float32 F.linear": lambda: F.linear(x, w, b),
+            "bf16 F.linear (cuBLAS)": lambda: F.linear(x16, w16, b16),
+            "ours Triton int8 dynamic": lambda: int8_linear(x, q, s, b, packed=packed),
         }
-        if M > 16:  # torch._int_mm needs M > 16
-            cases["torch._int_mm + dequant"] = int_mm_then_dequant
-        times = measure(cases, repeats=repeats, warmup=3, device="cuda")
+        if x.shape[0] > 16:
+            c["torch._int_mm + dequant"] = int_mm_then_dequant
+        return c
+
+    return cases
+
+
+def bench_cuda(Ms, K, N, repeats):
+    make_cases = cuda_cases(K, N)
+    rows = []
+    for M in Ms:
+        x = torch.randn(M, K, device="cuda")
+        times = measure(make_cases(x), repeats=repeats, warmup=3, device="cuda")
         base = times["float32 F.linear"].median
         for name, t in times.items():
-            rows.append({"M": M, "K": K, "N": N, "impl": name,
-                         "median ms": f"{t.median * 1e3:.3f}",
-                         "vs float32": f"{base / t.median:.2f}x"})
+            rows.append(
+                {
+                    "case": f"cuda M={M} K={K} N={N}",
+                    "impl": name,
+                    "median ms": f"{t.median * 1e3:.3f}",
+                    "speedup vs float32": speedup(base, t.median),
+                    "GOP/s": f"{2 * M * K * N / t.median / 1e9:.1f}",
+                }
+            )
     return rows
 
 
@@ -120,51 +180,124 @@ def bench_generation(quick):
                 logits, state = m(tokens, state)
                 tokens = logits[:, -1:].argmax(-1)
 
-    rows = []
+    seconds = {}
     for name, m in (("float32 model", model), ("pyengine.quantize(model)", qmodel)):
         run(m)
         t0 = time.perf_counter()
         for _ in range(1 if quick else 3):
             run(m)
-        dt = (time.perf_counter() - t0) / (1 if quick else 3)
-        rows.append({"model": name, "hidden": cfg["hidden_size"], "layers": 2,
-                     "tokens/s": f"{steps / dt:.0f}"})
-    return rows
+        seconds[name] = (time.perf_counter() - t0) / (1 if quick else 3)
+    return [
+        {
+            "case": f"generation H={cfg['hidden_size']}",
+            "impl": name,
+            "layers": 2,
+            "tokens/s": f"{steps / dt:.0f}",
+            "speedup vs float32": speedup(seconds["float32 model"], dt),
+        }
+        for name, dt in seconds.items()
+    ]
+
+
+def sweep(quick, device):
+    """Ours (int8 dynamic) against float32 F.linear: time against M (rows of x)."""
+    K = N = 256 if quick else 4096
+    Ms = [1, 16, 64] if quick else [1, 4, 16, 64, 256, 1024]
+    if device == "cuda":
+        make_cases, ours = cuda_cases(K, N), "ours Triton int8 dynamic"
+    else:
+        make_cases, ours = cpu_cases(K, N, compile_=False)[0], "ours int8 dynamic"
+
+    def cases(M):
+        c = make_cases(torch.randn(M, K, device=device))
+        return {name: c[name] for name in ("float32 F.linear", ours)}
+
+    with torch.no_grad():
+        return scaling_sweep(
+            f"M (K=N={K}, {device})",
+            Ms,
+            cases,
+            baseline="float32 F.linear",
+            repeats=3 if quick else 10,
+            warmup=1 if quick else 3,
+            device=device,
+        )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda adds the Triton against cuBLAS table and sweeps on the GPU",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
     args = parser.parse_args(argv)
     if args.quick:
         Ms, K, N, repeats = (1, 8, 32), 256, 256, 5
     else:
         Ms, K, N, repeats = (1, 32, 512), 4096, 4096, 15
-    rows = bench_linear(Ms, K, N, repeats, args.quick)
-    cols = ["M", "K", "N", "impl", "median ms", "vs float32", "vs ao", "GOP/s", "max abs err"]
+    peak = matmul_peak_gflops(1024 if args.quick else 2048)
+    info = machine_info(args.device) | {"fp32 matmul peak GFLOP/s (cpu)": f"{peak:.0f}"}
+    if args.quick:
+        info["torch.compile"] = COMPILE_SKIPPED
+    rows = bench_linear(Ms, K, N, repeats, args.quick, peak)
+    cols = [
+        "case",
+        "impl",
+        "median ms",
+        "speedup vs float32",
+        "speedup vs ao",
+        "GOP/s",
+        "% of fp32 matmul peak",
+        "weight MB",
+        "max abs err",
+    ]
     table = markdown_table(rows, cols)
     gen = bench_generation(args.quick)
-    gen_table = markdown_table(gen, ["model", "hidden", "layers", "tokens/s"])
-    print(table)
-    print()
-    print(gen_table)
-    if torch.cuda.is_available():
-        cuda_table = markdown_table(bench_cuda(Ms, K, N, repeats),
-                                    ["M", "K", "N", "impl", "median ms", "vs float32"])
-        print()
-        print(cuda_table)
+    gen_table = markdown_table(gen, ["case", "impl", "layers", "tokens/s", "speedup vs float32"])
+    print(", ".join(f"{k}: {v}" for k, v in info.items()))
+    print(f"\n{SPEEDUP_NOTE}\n\n{table}\n\n{gen_table}")
+    cuda_rows = []
+    if args.device == "cuda" and torch.cuda.is_available():
+        cuda_rows = bench_cuda(Ms, K, N, repeats)
+        cuda_table = markdown_table(
+            cuda_rows, ["case", "impl", "median ms", "speedup vs float32", "GOP/s"]
+        )
+        print(f"\n{cuda_table}")
         if not (args.no_write or args.quick):
-            write_results_section(RESULTS, "int8-cuda", "## Int8 linear, CUDA (Triton)\n\n"
-                                  + cuda_table)
+            write_results_section(
+                RESULTS,
+                "int8-cuda",
+                "## Int8 linear, CUDA (Triton)\n\n" + SPEEDUP_NOTE + "\n\n" + cuda_table,
+            )
+    points = sweep(args.quick, args.device)
+    sweep_table = scaling_table(points)
+    print(f"\nScaling (ours against float32 F.linear):\n\n{sweep_table}")
     if not (args.no_write or args.quick):  # a quick smoke run never replaces the real table
-        info = machine_info("cpu")
-        mode = "QUICK smoke run (tiny shapes, not the issue's)" if args.quick else "full run"
-        header = (f"## Int8 linear, CPU ({mode})\n\n"
-                  f"`python bench/bench_int8.py{' --quick' if args.quick else ''}`; "
-                  f"threads {torch.get_num_threads()}; {info}\n\n")
-        write_results_section(RESULTS, "int8-cpu", header + table + "\n\nGreedy generation, "
-                              "batch 1:\n\n" + gen_table)
+        header = (
+            f"## Int8 linear, CPU\n\n`python bench/bench_int8.py`; "
+            f"threads {torch.get_num_threads()}; {info}\n\n{SPEEDUP_NOTE}\n\n"
+        )
+        write_results_section(
+            RESULTS,
+            "int8-cpu",
+            header + table + "\n\nGreedy generation, "
+            "batch 1:\n\n" + gen_table + "\n\nScaling:\n\n" + sweep_table,
+        )
+    if args.json:
+        save_rows_json(
+            args.json,
+            f"int8-{args.device}",
+            rows + gen + cuda_rows,
+            info,
+            case_key="case",
+            impl_key="impl",
+            ratio_key="speedup vs float32",
+            scaling=points,
+        )
     return 0
 
 

@@ -4,7 +4,9 @@
     python bench/bench_lstm.py --quick    # fewer repeats, no torch.compile, no RESULTS.md
 
 Implementations: pyengine.nn.LSTM; torch.nn.LSTM (oneDNN on CPU, cuDNN on CUDA); a Python loop
-over torch.nn.LSTMCell (the eager formula); torch.compile of that loop.
+over torch.nn.LSTMCell (the eager formula); torch.compile of that loop. Scaling: pyengine
+against torch.nn.LSTM, time against sequence length and against batch size. On CUDA also the
+peak memory allocated by one step.
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ import torch
 
 import pyengine
 from pyengine.benchmarking import (
+    COMPILE_SKIPPED,
+    SPEEDUP_NOTE,
+    cuda_peak_memory,
     machine_info,
     markdown_table,
     matmul_peak_gflops,
     measure,
     save_rows_json,
+    scaling_sweep,
+    scaling_table,
+    speedup,
     write_results_section,
 )
 
@@ -40,8 +48,9 @@ class CellLoop(torch.nn.Module):
         super().__init__()
         self.cells = torch.nn.ModuleList()
         for layer in range(lstm.num_layers):
-            cell = torch.nn.LSTMCell(lstm.input_size if layer == 0 else lstm.hidden_size,
-                                     lstm.hidden_size)
+            cell = torch.nn.LSTMCell(
+                lstm.input_size if layer == 0 else lstm.hidden_size, lstm.hidden_size
+            )
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 getattr(cell, name).data.copy_(getattr(lstm, f"{name}_l{layer}").data)
             self.cells.append(cell)
@@ -65,6 +74,17 @@ def train_flops(hidden: int, batch: int, seq: int) -> float:
     return 3 * total  # forward + backward (input and weight gradients)
 
 
+def step(module, x, grad, unpack=True):
+    """One forward + backward of `module` on x (gradients accumulate; they are not read)."""
+
+    def fn():
+        out = module(x)
+        out = out[0] if unpack else out
+        out.backward(grad)
+
+    return fn
+
+
 def run(quick: bool, device: str) -> tuple[list[dict], dict]:
     peak = matmul_peak_gflops(device=device)
     rows = []
@@ -77,20 +97,13 @@ def run(quick: bool, device: str) -> tuple[list[dict], dict]:
         x = torch.randn(seq, batch, INPUT, device=device, requires_grad=True)
         grad = torch.randn(seq, batch, hidden, device=device)
 
-        def step(module, unpack=True, x=x, grad=grad):
-            def fn():
-                out = module(x)
-                out = out[0] if unpack else out
-                out.backward(grad)
-            return fn
-
         cases = {
-            "pyengine": step(ours),
-            "torch.nn.LSTM": step(ref),
-            "LSTMCell loop": step(loop, unpack=False),
+            "pyengine": step(ours, x, grad),
+            "torch.nn.LSTM": step(ref, x, grad),
+            "LSTMCell loop": step(loop, x, grad, unpack=False),
         }
         if not quick:
-            cases["compile(LSTMCell loop)"] = step(torch.compile(loop), unpack=False)
+            cases["compile(LSTMCell loop)"] = step(torch.compile(loop), x, grad, unpack=False)
         repeats = 5 if quick else (40 if shape_name == "small" else 12)
         times = measure(cases, repeats=repeats, warmup=2 if quick else 4, device=device)
         flops = train_flops(hidden, batch, seq)
@@ -98,16 +111,51 @@ def run(quick: bool, device: str) -> tuple[list[dict], dict]:
         base = times["torch.nn.LSTM"].median
         for name, t in times.items():
             gflops = flops / t.median / 1e9
-            rows.append({
+            row = {
                 "shape": f"{shape_name} (H={hidden}, N={batch}, T={seq})",
                 "implementation": name,
                 "median ms": f"{t.median * 1e3:.2f}",
-                "speedup vs torch.nn.LSTM": f"{base / t.median:.2f}x",
+                "speedup vs torch.nn.LSTM": speedup(base, t.median),
                 "GFLOP/s": f"{gflops:.0f}",
                 "% of matmul peak": f"{100 * gflops / peak:.0f}%",
                 "x floor": f"{t.median / floor:.2f}",
-            })
-    return rows, {"matmul peak GFLOP/s": f"{peak:.0f}"}
+            }
+            if device == "cuda":
+                row["peak MB"] = f"{cuda_peak_memory(cases[name]) / 2**20:.1f}"
+            rows.append(row)
+    extra = {"matmul peak GFLOP/s": f"{peak:.0f}"}
+    if quick:
+        extra["torch.compile"] = COMPILE_SKIPPED
+    return rows, extra
+
+
+def sweep(quick: bool, device: str) -> list[dict]:
+    """pyengine against torch.nn.LSTM: time against sequence length, then against batch."""
+    hidden = 64 if quick else 256
+    seqs = [8, 32] if quick else [16, 32, 64, 128, 256]
+    batches = [2, 8] if quick else [1, 4, 16, 64, 256]
+    fixed_batch, fixed_seq = (4, 16) if quick else (16, 64)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(INPUT, hidden, LAYERS).to(device)
+    ours = pyengine.nn.LSTM(INPUT, hidden, LAYERS).to(device)
+    ours.load_state_dict(ref.state_dict())
+
+    def cases(seq, batch):
+        x = torch.randn(seq, batch, INPUT, device=device, requires_grad=True)
+        grad = torch.randn(seq, batch, hidden, device=device)
+        return {"pyengine": step(ours, x, grad), "torch.nn.LSTM": step(ref, x, grad)}
+
+    timing = dict(
+        baseline="torch.nn.LSTM",
+        repeats=3 if quick else 10,
+        warmup=1 if quick else 2,
+        device=device,
+    )
+    return scaling_sweep(
+        f"seq len T (H={hidden}, N={fixed_batch})", seqs, lambda t: cases(t, fixed_batch), **timing
+    ) + scaling_sweep(
+        f"batch N (H={hidden}, T={fixed_seq})", batches, lambda n: cases(fixed_seq, n), **timing
+    )
 
 
 def main(argv=None) -> int:
@@ -117,12 +165,22 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
     args = parser.parse_args(argv)
     rows, extra = run(args.quick, args.device)
-    columns = ["shape", "implementation", "median ms", "speedup vs torch.nn.LSTM", "GFLOP/s",
-               "% of matmul peak", "x floor"]
+    points = sweep(args.quick, args.device)
+    columns = [
+        "shape",
+        "implementation",
+        "median ms",
+        "speedup vs torch.nn.LSTM",
+        "GFLOP/s",
+        "% of matmul peak",
+        "x floor",
+    ] + (["peak MB"] if args.device == "cuda" else [])
     info = machine_info(args.device) | extra
-    table = markdown_table(rows, columns)
+    table = markdown_table(rows, columns) + "\n\nScaling (pyengine against torch.nn.LSTM):\n\n"
+    table += scaling_table(points)
     header = "## LSTM training step (2 layers, input 256, float32, forward + backward)\n\n"
     header += ", ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n"
+    header += SPEEDUP_NOTE + " "
     header += (
         "The floor is the step's matmul FLOPs (input projection, recurrent GEMMs, the input and "
         "weight gradients) at the float32 GEMM peak measured in this run; `x floor` is how far "
@@ -135,8 +193,16 @@ def main(argv=None) -> int:
     if not args.quick:
         write_results_section(RESULTS, f"lstm-{args.device}", header + table)
     if args.json:
-        save_rows_json(args.json, f"lstm-{args.device}", rows, info, case_key="shape",
-                       impl_key="implementation", ratio_key="speedup vs torch.nn.LSTM")
+        save_rows_json(
+            args.json,
+            f"lstm-{args.device}",
+            rows,
+            info,
+            case_key="shape",
+            impl_key="implementation",
+            ratio_key="speedup vs torch.nn.LSTM",
+            scaling=points,
+        )
     return 0
 
 

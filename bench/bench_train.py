@@ -18,7 +18,12 @@ subprocess, the resident-set growth (peak_rss_delta) over a few steps taken afte
 step, so parameters and Adam state (already allocated) are excluded and gradients, activations
 and temporaries are included. The subprocess runs with MALLOC_MMAP_THRESHOLD_ fixed so that
 glibc returns large freed blocks to the OS and the warm-up step's memory cannot hide the next
-steps' peak. CUDA: torch.cuda peak allocated over the same steps, in process.
+steps' peak. CUDA: torch.cuda peak allocated over the same steps, in process (torch is then
+cuDNN's LSTM). Throughput: the step's matmul FLOPs (6 per token and weight-matrix element,
+embedding excluded) against the float32 matmul peak measured in the same run. Scaling: pyengine
+against torch, step time against the batch size. No torch.compile baseline for the whole step:
+compiling the unrolled LSTM forward + backward takes many minutes; bench_lstm.py and
+bench_cross_entropy.py compare against torch.compile of their parts.
 """
 
 from __future__ import annotations
@@ -34,12 +39,17 @@ import torch.nn.functional as F
 
 import pyengine
 from pyengine.benchmarking import (
+    SPEEDUP_NOTE,
     cuda_peak_memory,
     machine_info,
     markdown_table,
+    matmul_peak_gflops,
     measure,
     peak_rss_delta,
     save_rows_json,
+    scaling_sweep,
+    scaling_table,
+    speedup,
     write_results_section,
 )
 from pyengine.models import LSTMLanguageModel
@@ -57,8 +67,14 @@ QUICK_SIZES = {
 }
 # size: (minimum tokens/s ratio pyengine / torch, maximum peak-memory ratio or None)
 TARGETS = {"demo": (1.3, None), "large": (1.1, 0.5)}
+SWEEP_BATCHES = [4, 16, 64]  # at the first size
+QUICK_SWEEP_BATCHES = [2, 8]
 N_BATCHES = 4  # distinct batches cycled through, the same sequence for both implementations
 MEMORY_STEPS = 3
+COMPILE_NOT_RUN = (
+    "not run for the whole step (compiling the unrolled LSTM forward + backward takes many "
+    "minutes); the lstm and cross_entropy families compare against torch.compile of the parts"
+)
 
 
 def make_models(size, device):
@@ -126,9 +142,20 @@ def memory_in_subprocesses(impls, size, device) -> dict[str, int | None]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     procs = {
         impl: subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--memory-case", impl,
-             ",".join(map(str, size)), "--device", device],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--memory-case",
+                impl,
+                ",".join(map(str, size)),
+                "--device",
+                device,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for impl in impls
     }
     peaks = {}
@@ -142,7 +169,22 @@ def memory_in_subprocesses(impls, size, device) -> dict[str, int | None]:
     return peaks
 
 
-def run(quick: bool, device: str) -> list[dict]:
+def step_flops(model, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one step: 6 per token and weight-matrix element (forward, input and
+    weight gradients), the embedding table excluded."""
+    return (
+        6.0
+        * batch
+        * seq
+        * sum(
+            p.numel()
+            for name, p in model.named_parameters()
+            if p.dim() == 2 and not name.startswith("embedding")
+        )
+    )
+
+
+def run(quick: bool, device: str, peak_gflops: float) -> list[dict]:
     rows = []
     for name, size in (QUICK_SIZES if quick else SIZES).items():
         vocab, embed, hidden, layers, batch, seq = size
@@ -158,23 +200,29 @@ def run(quick: bool, device: str) -> list[dict]:
         else:
             peaks = memory_in_subprocesses(IMPLS, size, device)
         base = timings["torch"].median
+        flops = step_flops(models["torch"], batch, seq)
         target = TARGETS.get(name, (None, None))  # the tiny --quick sizes have none
         for impl in IMPLS:
             t, peak = timings[impl], peaks[impl]
+            gflops = flops / t.median / 1e9
             row = dict(
                 size=f"{name} (V={vocab} E={embed} H={hidden} L={layers} B={batch}x{seq})",
-                impl=impl, ms=round(t.median * 1e3, 2),
+                impl=impl,
+                ms=round(t.median * 1e3, 2),
                 tokens_per_s=round(batch * seq / t.median),
-                speedup=round(base / t.median, 3),
+                **{"speedup vs torch": speedup(base, t.median)},
+                gflops=round(gflops, 3),
+                pct_peak=f"{100 * gflops / peak_gflops:.0f}%",
                 peak_mb=round(peak / 2**20, 1) if peak is not None else "n/a",
                 first_loss=round(first[impl], 5),
-                _t=t.median, _peak=peak,
+                _t=t.median,
+                _peak=peak,
             )
             if impl == "pyengine":
                 if peak is not None and peak > 0 and peaks["torch"] and peaks["torch"] > 0:
                     row["mem_vs_torch"] = round(peak / peaks["torch"], 3)
                 if target[0] is not None:
-                    ok = row["speedup"] >= target[0]
+                    ok = base / t.median >= target[0]
                     want = f">= {target[0]}x tokens/s"
                     if target[1] is not None:
                         want += f", <= {target[1]}x memory"
@@ -186,12 +234,31 @@ def run(quick: bool, device: str) -> list[dict]:
     return rows
 
 
+def sweep(quick: bool, device: str) -> list[dict]:
+    """pyengine against torch: step time against the batch size (the first model size)."""
+    name, size = next(iter((QUICK_SIZES if quick else SIZES).items()))
+
+    def cases(batch):
+        sized = size[:4] + (batch, size[5])
+        models, batches = make_models(sized, device), make_batches(sized, device)
+        return {impl: step_fn(impl, models[impl], batches) for impl in IMPLS}
+
+    return scaling_sweep(
+        f"batch ({name}, T={size[5]})",
+        QUICK_SWEEP_BATCHES if quick else SWEEP_BATCHES,
+        cases,
+        baseline="torch",
+        repeats=3 if quick else 10,
+        warmup=1 if quick else 3,
+        device=device,
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "SIZE"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
     args = parser.parse_args(argv)
     if args.memory_case:
@@ -199,31 +266,56 @@ def main(argv=None) -> int:
         peak = memory_case(impl, tuple(int(x) for x in size.split(",")), args.device)
         print(json.dumps({"peak": peak}))
         return 0
-    info = machine_info(args.device)
-    rows = run(args.quick, args.device)
-    columns = ["size", "impl", "ms", "tokens_per_s", "speedup", "peak_mb", "mem_vs_torch",
-               "first_loss", "target", "met"]
-    table = markdown_table(rows, columns)
+    peak = matmul_peak_gflops(1024 if args.quick else 2048, device=args.device)
+    info = machine_info(args.device) | {"matmul peak GFLOP/s": f"{peak:.0f}"}
+    info["torch.compile"] = COMPILE_NOT_RUN
+    rows = run(args.quick, args.device, peak)
+    points = sweep(args.quick, args.device)
+    columns = [
+        "size",
+        "impl",
+        "ms",
+        "tokens_per_s",
+        "speedup vs torch",
+        "gflops",
+        "pct_peak",
+        "peak_mb",
+        "mem_vs_torch",
+        "first_loss",
+        "target",
+        "met",
+    ]
+    table = markdown_table(rows, columns) + "\n\nScaling (pyengine against torch):\n\n"
+    table += scaling_table(points)
     header = (
         f"## LSTM language model, full training step ({args.device})\n\n"
-        + ", ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n"
+        + ", ".join(f"{k}: {v}" for k, v in info.items())
+        + "\n\n"
         "One step: embedding, LSTM, vocabulary head + mean cross-entropy, backward, clip to "
         "norm 1, Adam, zero_grad. pyengine: pyengine.nn.LSTM + the model's fused `targets=` "
         "loss (logits never held) + pyengine.clip_grad_norm_; torch: torch.nn.LSTM + logits + "
         "F.cross_entropy + torch.nn.utils.clip_grad_norm_. Same weights, same batches, timed "
-        "alternating in one process, medians. speedup: torch's median step time over this "
-        "one's (= tokens/s ratio). peak_mb: resident-set growth over "
+        "alternating in one process, medians. " + SPEEDUP_NOTE + " (= the tokens/s ratio). "
+        "gflops / pct_peak: the step's matmul FLOPs over its time, against the float32 matmul "
+        "peak measured in this run. peak_mb: resident-set growth over "
         f"{MEMORY_STEPS} steps after one warm-up step, each case in its own process "
         "(parameters and Adam state excluded; gradients, activations and temporaries "
         "included). first_loss: the loss of the first step, same weights and batch.\n\n"
     )
-    print(table)
+    print(header + table)
     if not args.quick:
         write_results_section(RESULTS, f"train-{args.device}", header + table)
     if args.json:
-        save_rows_json(args.json, f"train-{args.device}", rows, info,
-                       case_key="size", impl_key="impl",
-                       ratio_key="speedup")
+        save_rows_json(
+            args.json,
+            f"train-{args.device}",
+            rows,
+            info,
+            case_key="size",
+            impl_key="impl",
+            ratio_key="speedup vs torch",
+            scaling=points,
+        )
     return 0
 
 

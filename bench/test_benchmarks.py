@@ -19,6 +19,7 @@ import pyengine
 from pyengine.data import ByteTokenizer
 from pyengine.generate import generate
 from pyengine.nn import Int8Linear
+from pyengine.ops import unit_importance
 
 pytestmark = pytest.mark.benchmark(min_rounds=5, warmup=True, warmup_iterations=2)
 
@@ -88,6 +89,31 @@ def test_generate(benchmark, impl):
     model = pyengine.LSTMLanguageModel(256, 32, 64, 2, **kwargs).eval()
     tokenizer = ByteTokenizer()
     benchmark(lambda: generate(model, tokenizer, "def main(", 16, temperature=0.0))
+
+
+@pytest.mark.benchmark(group="prune: unit_importance l2, one LSTM layer H=128")
+@pytest.mark.parametrize("impl", ["pyengine", "eager"])
+def test_unit_importance(benchmark, impl):
+    torch.manual_seed(0)
+    H = 128
+    w_ih, w_hh, nxt = torch.randn(4 * H, H), torch.randn(4 * H, H), torch.randn(4 * H, H)
+    b_ih, b_hh = torch.randn(4 * H), torch.randn(4 * H)
+    ws = [w_ih, w_hh, b_ih, b_hh, w_hh, nxt]
+    dims, blocks = [0, 0, 0, 0, 1, 1], [4, 4, 4, 4, 1, 1]
+
+    def eager():
+        total = torch.zeros(H)
+        for w, d, b in zip(ws, dims, blocks):
+            total = total + (w * w).movedim(d, 0).reshape(b, H, -1).sum(dim=(0, 2))
+        return total.sqrt()
+
+    if impl == "pyengine":
+        torch.testing.assert_close(
+            unit_importance(ws, dims, blocks, "l2"), eager(), rtol=1e-4, atol=1e-3
+        )
+        benchmark(lambda: unit_importance(ws, dims, blocks, "l2"))
+    else:
+        benchmark(eager)
 
 
 @pytest.mark.benchmark(group="train: LM step (fwd+loss+bwd+clip+SGD) B=8 T=32 H=128")

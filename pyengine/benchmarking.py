@@ -144,14 +144,18 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results_section(path: str, name: str, body: str) -> None:
-    """Replace (or append) the section `name` of a Markdown results file, atomically."""
+def write_results_section(path: str, name: str, body: str, first: bool = False) -> None:
+    """Replace the section `name` of a Markdown results file, atomically; a new section is
+    appended, or with first=True put before every other section."""
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
+    elif first and "<!-- begin " in text:
+        head, rest = text.split("<!-- begin ", 1)
+        text = head + block + "\n\n<!-- begin " + rest
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     directory = os.path.dirname(os.path.abspath(path))
@@ -174,16 +178,21 @@ def save_rows_json(
     case_key: str | None = None,
     impl_key: str | None = None,
     ratio_key: str | None = None,
+    scaling: list[dict] | None = None,
 ) -> None:
     """Write a script's result rows (as printed in its table) plus machine info to `path`.
 
     `case_key`, `impl_key` and `ratio_key` name the row fields a ratio plot uses (the case label,
     the implementation, the ratio column such as "speedup vs torch.nn.LSTM"); they are stored
     under "plot" so `pyengine bench` can draw the plot without guessing column names.
+    `scaling` holds the points of the script's scaling sweeps (see scaling_sweep).
     """
-    plot = {k: v for k, v in (("case_key", case_key), ("impl_key", impl_key),
-                              ("ratio_key", ratio_key)) if v is not None}
-    data = {"section": section, "info": info, "rows": rows, "plot": plot}
+    plot = {
+        k: v
+        for k, v in (("case_key", case_key), ("impl_key", impl_key), ("ratio_key", ratio_key))
+        if v is not None
+    }
+    data = {"section": section, "info": info, "rows": rows, "plot": plot, "scaling": scaling or []}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".rows-")
@@ -238,8 +247,9 @@ def plot_ratios(
     if ratio_key is None:
         keys = [k for row in rows for k in row if k.lower().startswith(("speedup", "ratio"))]
         if not keys:
-            raise ValueError("plot_ratios: no 'speedup...' or 'ratio...' column in the rows; "
-                             "pass ratio_key")
+            raise ValueError(
+                "plot_ratios: no 'speedup...' or 'ratio...' column in the rows; pass ratio_key"
+            )
         ratio_key = keys[0]
     cases: list[str] = []
     impls: list[str] = []
@@ -267,10 +277,108 @@ def plot_ratios(
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
     ax.set_yticklabels(cases)
     ax.invert_yaxis()
-    ax.set_xlabel(ratio_key)
+    faster = ratio_key.lower().startswith("speedup")
+    ax.set_xlabel(f"{ratio_key} (x faster: baseline time / time)" if faster else ratio_key)
     ax.set_title(title or ratio_key)
     ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# speedups, compile baselines and scaling sweeps (shared by every bench/ script)
+
+SPEEDUP_NOTE = (
+    "speedup vs X = X's median time / this implementation's median time (x faster than X: "
+    "above 1 is faster, below 1 slower)."
+)
+COMPILE_SKIPPED = "skipped in --quick (compiling would dominate a smoke run)"
+
+
+def speedup(baseline_s: float, ours_s: float) -> str:
+    """The uniform speedup label: baseline time over ours, e.g. '1.85x' (x faster)."""
+    return f"{baseline_s / ours_s:.2f}x"
+
+
+def scaling_sweep(
+    name: str,
+    xs: list,
+    make_cases: Callable[[object], dict[str, Callable[[], object]]],
+    *,
+    baseline: str,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | None = None,
+) -> list[dict]:
+    """Time the implementations `make_cases(x)` returns at every x of one sweep.
+
+    Returns one point per (x, implementation): {"sweep", "x", "impl", "ms", "speedup"}, where
+    speedup is the `baseline` implementation's median over this one's at the same x.
+    """
+    points = []
+    for x in xs:
+        times = measure(make_cases(x), repeats=repeats, warmup=warmup, device=device)
+        base = times[baseline].median
+        for impl, t in times.items():
+            points.append(
+                {
+                    "sweep": name,
+                    "x": x,
+                    "impl": impl,
+                    "ms": round(t.median * 1e3, 4),
+                    "speedup": round(base / t.median, 3),
+                }
+            )
+    return points
+
+
+def scaling_table(points: list[dict]) -> str:
+    """The sweep points as a Markdown table."""
+    return markdown_table(points, ["sweep", "x", "impl", "ms", "speedup"])
+
+
+def plot_scaling(path: str, points: list[dict], *, title: str | None = None) -> str:
+    """Scaling curves: one panel per sweep, median ms against x (log-log), one line per
+    implementation. `points` as scaling_sweep returns them. Written atomically; returns path.
+    Raises ValueError when there are no points."""
+    sweeps = list(dict.fromkeys(p["sweep"] for p in points))
+    if not sweeps:
+        raise ValueError("plot_scaling: no points")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
+    for ax, sweep in zip(axes[0], sweeps):
+        mine = [p for p in points if p["sweep"] == sweep]
+        for impl in dict.fromkeys(p["impl"] for p in mine):
+            line = sorted((float(p["x"]), float(p["ms"])) for p in mine if p["impl"] == impl)
+            ax.plot([x for x, _ in line], [ms for _, ms in line], marker="o", label=impl)
+        for axis, values in (
+            ("x", [float(p["x"]) for p in mine]),
+            ("y", [float(p["ms"]) for p in mine]),
+        ):
+            if min(values) > 0 and max(values) / min(values) >= 8:  # wide range: log scale
+                getattr(ax, f"set_{axis}scale")("log")
+        ax.set_xlabel(sweep)
+        ax.set_ylabel("median ms")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _save_figure(fig, path: str) -> None:
+    """Save a figure as PNG through a temporary file in the same folder, then rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".plot-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

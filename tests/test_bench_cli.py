@@ -21,10 +21,38 @@ def test_bench_quick_clip_writes_report_json_and_plot(tmp_path, capsys):
     assert results["info"]["torch"] and results["info"]["cores"]
     report = (tmp_path / "report.md").read_text()
     assert "| clip | ok |" in report and "median ms" in report  # the script's table
+    assert "x faster" in report and "clip_scaling.png" in report
     rows = json.loads((tmp_path / "clip.json").read_text())["rows"]
     assert rows and all("median ms" in r for r in rows)
     assert float(rows[0]["median ms"]) > 0
     assert (tmp_path / "clip_ratio.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "clip_scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_quick_int8_writes_numbers_ratio_and_scaling_plots(tmp_path, capsys):
+    """Every case of a cheap family (int8: two tables and a sweep) has a speedup number, the
+    JSON holds a scaling sweep of ours against the baseline with a time at every point, and
+    both plots are drawn."""
+    families = ["int8"]
+    code = cli.main(["bench", "--quick", "--family", *families, "--output", str(tmp_path)])
+    assert code == 0, capsys.readouterr()
+    results = json.loads((tmp_path / "results.json").read_text())["families"]
+    for family in families:
+        assert results[family]["status"] == "ok"
+        assert results[family]["plot"] and results[family]["scaling_plot"]
+        data = json.loads((tmp_path / f"{family}.json").read_text())
+        ratio_key = data["plot"]["ratio_key"]
+        assert ratio_key.startswith("speedup")
+        assert data["rows"] and all(_number(r[ratio_key]) > 0 for r in data["rows"])
+        points = data["scaling"]
+        assert len({p["x"] for p in points}) >= 2 and len({p["impl"] for p in points}) >= 2
+        assert all(p["ms"] > 0 and p["speedup"] > 0 for p in points)
+        for kind in ("ratio", "scaling"):
+            assert (tmp_path / f"{family}_{kind}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _number(text) -> float:
+    return float(str(text).rstrip("x%"))
 
 
 def test_bench_unknown_family_is_an_error(tmp_path, capsys):
@@ -41,7 +69,7 @@ def test_bench_list_discovers_every_script(capsys):
     assert {"lstm", "clip", "cross_entropy", "int8", "generate"} <= set(names)
 
 
-FAKE_WITH_OPTIONS = '''
+FAKE_WITH_OPTIONS = """
 import argparse, json, sys
 p = argparse.ArgumentParser()
 p.add_argument("--quick", action="store_true")
@@ -53,15 +81,18 @@ print(f"argv={sys.argv[1:]}")
 if a.json:
     rows = [{"case": "c", "implementation": "ours", "speedup": "2.00x"},
             {"case": "c", "implementation": "torch", "speedup": "1.00x"}]
-    json.dump({"section": "fake", "info": {}, "rows": rows, "plot": {}}, open(a.json, "w"))
-'''
+    points = [{"sweep": "n", "x": x, "impl": i, "ms": x * 0.5, "speedup": 1.0}
+              for x in (1, 4) for i in ("ours", "torch")]
+    json.dump({"section": "fake", "info": {}, "rows": rows, "plot": {}, "scaling": points},
+              open(a.json, "w"))
+"""
 
-FAKE_PLAIN = '''
+FAKE_PLAIN = """
 import argparse
 p = argparse.ArgumentParser()
 p.add_argument("--quick", action="store_true")
 print(p.parse_args())
-'''
+"""
 
 
 def test_bench_generic_discovery_option_passing_and_failures(tmp_path, monkeypatch, capsys):
@@ -83,6 +114,7 @@ def test_bench_generic_discovery_option_passing_and_failures(tmp_path, monkeypat
     assert "--device" not in beta["command"] and "--json" not in beta["command"]
     assert "--quick" in beta["command"]
     assert (out / "alpha_ratio.png").exists() and not (out / "beta_ratio.png").exists()
+    assert (out / "alpha_scaling.png").exists() and not (out / "beta_scaling.png").exists()
     assert "gamma broke" in gamma["stderr_tail"]
     report = (out / "report.md").read_text()
     assert "| gamma | failed |" in report and "gamma broke" in report
