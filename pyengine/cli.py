@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,14 +49,22 @@ _non_negative_int = _int_at_least(0, "a non-negative")
 def _add_demo_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo",
-        help="train a small byte-level LSTM language model with pyengine and with plain "
-        "PyTorch on the embedded corpus, compare loss and speed, then generate text",
-        description="Train the same LSTMLanguageModel (same seed, same initial weights, same "
-        "batches) twice on the embedded default corpus, alternating steps: once on pyengine's "
-        "LSTM, once on torch.nn.LSTM. Prints progress, a side-by-side table of loss and "
-        "tokens/s, and a greedy generation from the pyengine model.",
+        help="pretrain a byte-level LSTM LM with pyengine and with plain PyTorch, compress "
+        "and export it, fine-tune it on a domain text and as a classifier, evaluate",
+        description="1. Pretrain the same LSTMLanguageModel (same seed, same initial weights, "
+        "same batches) twice on the embedded general text (pydoc help topics), alternating "
+        "steps: once on pyengine's LSTM, once on torch.nn.LSTM; print loss and tokens/s side "
+        "by side and a greedy generation. 2. Quantize and prune the pyengine model, compare "
+        "size, validation perplexity and generation speed, export it to ONNX. 3. Fine-tune "
+        "it on the embedded domain text (standard-library Python source) and evaluate both "
+        "checkpoints there (perplexity, token accuracy, BLEU of greedy continuations). "
+        "4. Fine-tune an LSTMClassifier from it with focal loss on the embedded "
+        "classification task (code / docstring / docs) and print accuracy and macro-F1. "
+        "Every stage prints the `pyengine` command that runs it alone; everything goes into "
+        "OUTPUT_DIR (checkpoints, ONNX, loss plot, report.md).",
     )
-    parser.add_argument("--steps", type=_positive_int, default=300, help="training steps (300)")
+    parser.add_argument("--steps", type=_positive_int, default=300,
+                        help="pretraining steps (300)")
     parser.add_argument("--batch-size", type=_positive_int, default=16, help="streams (16)")
     parser.add_argument("--seq-len", type=_positive_int, default=64, help="BPTT window (64)")
     parser.add_argument("--hidden", type=_positive_int, default=256, help="LSTM hidden (256)")
@@ -69,9 +78,20 @@ def _add_demo_parser(subparsers) -> argparse.ArgumentParser:
         "--generate", type=_non_negative_int, default=80, help="bytes to generate (80)"
     )
     parser.add_argument("--prompt", default="The ", help="seed text for generation ('The ')")
+    parser.add_argument("--domain-steps", type=_positive_int, default=100,
+                        help="domain fine-tuning steps (100)")
+    parser.add_argument("--domain-chars", type=_positive_int, default=200_000,
+                        help="characters of the domain text used, the last 10%% held out "
+                        "(200000)")
+    parser.add_argument("--bleu-prompts", type=_non_negative_int, default=20,
+                        help="held-out domain prompts for BLEU, 0 for none (20)")
+    parser.add_argument("--classify-examples", type=_positive_int, default=2000,
+                        help="size of the embedded classification task (2000)")
+    parser.add_argument("--classify-steps", type=_positive_int, default=None,
+                        help="classifier fine-tuning steps (default: one epoch)")
     parser.add_argument("--output-dir", default="runs/demo",
-                        help="where the ONNX export, its model card, the loss plot and the "
-                        "report go (runs/demo)")
+                        help="where the checkpoints, the ONNX export, its model card, the loss "
+                        "plot and the report go (runs/demo)")
     return parser
 
 
@@ -138,16 +158,52 @@ def _train_side_by_side(
             print(f"  step {step:4d}/{steps}  " + "  |  ".join(parts), flush=True)
 
 
+VAL_FRACTION = 0.1  # the held-out last part of each text, as `pyengine train/finetune` split
+
+
+def _command(name: str, options: dict) -> str:
+    """The `pyengine NAME ...` command line that runs recipe NAME with these options."""
+    import shlex
+
+    parts = ["pyengine", name]
+    for key, value in options.items():
+        flag = "--from" if key == "from_checkpoint" else "--" + key.replace("_", "-")
+        if key == "tensorboard":
+            parts += [] if value else ["--no-tensorboard"]
+        elif value is True:
+            parts.append(flag)
+        elif value is not None and value is not False:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def _recipe(name: str, options: dict) -> dict:
+    """Run recipe NAME (train / finetune / evaluate) as its command would, minus the printing."""
+    from pyengine.train import recipes
+
+    defaults = {"train": recipes.TRAIN, "finetune": recipes.FINETUNE,
+                "evaluate": recipes.EVALUATE}[name]
+    run = {"train": recipes.train_lm, "finetune": recipes.finetune,
+           "evaluate": recipes.evaluate}[name]
+    try:
+        return run(recipes.resolve(defaults, None, options))
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"pyengine demo: {name}: {exc}") from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pyengine.train import save_model
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not args.prompt:
         raise SystemExit("pyengine demo: --prompt must not be empty")
+    out = pathlib.Path(args.output_dir)
 
     tokenizer = ByteTokenizer()
     text = default_corpus()
     all_ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    held_out = max(2 * args.seq_len + 2, all_ids.numel() // 20)  # the last 5%: validation
+    held_out = max(2 * args.seq_len + 2, int(all_ids.numel() * VAL_FRACTION))
     ids, val_ids = all_ids[:-held_out], all_ids[-held_out:]
     stream = batchify(ids, args.batch_size)
     if stream.shape[1] < 2:
@@ -169,10 +225,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"pyengine demo: byte-level LSTM language model, {n_params:,} parameters "
         f"(embed {args.embed}, hidden {args.hidden}, layers {args.layers})"
     )
+    print()
     print(
-        f"corpus: pydoc_data help topics, {len(text):,} chars -> {ids.numel():,} byte tokens; "
-        f"batch {args.batch_size} x seq-len {args.seq_len}, {args.steps} steps, "
-        f"Adam lr 3e-3, gradients clipped to norm 1, {torch.get_num_threads()} threads"
+        f"1. pretraining on the general text: pydoc_data help topics, {len(text):,} chars -> "
+        f"{ids.numel():,} byte tokens (the last {VAL_FRACTION:.0%} held out); batch "
+        f"{args.batch_size} x seq-len {args.seq_len}, {args.steps} steps, Adam lr 3e-3, "
+        f"gradients clipped to norm 1, {torch.get_num_threads()} threads"
     )
     print(
         "pyengine: fused LSTM, loss fused with the vocabulary head (no logits held), one-pass "
@@ -202,7 +260,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     continuation = generate(ours, tokenizer, args.prompt, args.generate, temperature=0)
     print(repr(args.prompt + continuation))
 
-    _compress_and_deploy(ours, trainers, tokenizer, stream, val_ids, args)
+    # the pyengine side alone is `pyengine train` with these options (the same batches)
+    windows = -(-(stream.shape[1] - 1) // args.seq_len)  # per pass over the text
+    epochs = -(-args.steps // windows)
+    pretrain = dict(output_dir=str(out / "pretrained"), embed=args.embed, hidden=args.hidden,
+                    layers=args.layers, batch_size=args.batch_size, seq_len=args.seq_len,
+                    max_steps=args.steps, epochs=epochs if epochs > 1 else None,
+                    seed=args.seed, threads=args.threads)
+    checkpoint = out / "pretrained" / "model.pt"
+    save_model(checkpoint, ours, tokenizer, dict(pretrain, data="default"))
+    print(f"saved {checkpoint}; the pyengine side alone:")
+    print(f"  $ {_command('train', pretrain)}")
+
+    compressed = _compress_and_deploy(ours, trainers, tokenizer, stream, val_ids, args)
+    domain = _domain_finetune(checkpoint, args)
+    classifier = _classify(checkpoint, args)
+    report = _write_report(args, trainers, compressed, domain, classifier)
+
+    before, after = domain["finetune"]["validation_before"], domain["finetune"]["validation"]
+    test = classifier["test"]
+    print()
+    print("summary:")
+    print(f"  1. pretraining (general text): loss {trainers['pyengine'].losses[0]:.2f} -> "
+          f"{trainers['pyengine'].losses[-1]:.2f}; pyengine at "
+          f"{ours_speed / torch_speed:.2f}x the speed of plain PyTorch")
+    smallest = min(compressed["rows"], key=lambda row: row[1])
+    print(f"  2. compression: {smallest[0]} {smallest[1]:.2f} MB (float32 "
+          f"{compressed['rows'][0][1]:.2f} MB), validation perplexity {smallest[2]:.2f} "
+          f"(float32 {compressed['rows'][0][2]:.2f}); ONNX export checked")
+    bleu = ""
+    if "bleu" in domain["before"]:
+        bleu = f", BLEU {domain['before']['bleu']:.1f} -> {domain['after']['bleu']:.1f}"
+    print(f"  3. domain fine-tuning (stdlib Python source): validation perplexity "
+          f"{before['perplexity']:.2f} -> {after['perplexity']:.2f}{bleu}")
+    print(f"  4. classifier (code / docstring / docs, focal loss): test accuracy "
+          f"{test['accuracy']:.4f}, macro-F1 {test['f1_macro']:.4f}")
+    print(f"report: {report}")
     return 0
 
 
@@ -227,16 +320,16 @@ def _state_dict_bytes(model: torch.nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def _compress_and_deploy(ours, trainers, tokenizer, stream, val_ids, args) -> None:
-    """Quantize and prune the trained model, compare the variants side by side, export the
-    float model to ONNX and write a Markdown report with the loss curves."""
+def _compress_and_deploy(ours, trainers, tokenizer, stream, val_ids, args) -> dict:
+    """Quantize and prune the trained model, compare the variants side by side and export the
+    float model to ONNX. Returns {"rows": [(variant, MB, val ppl, gen tok/s)], "card": ...}."""
     import copy
-    import os
 
     from pyengine.export import export
 
     print()
-    print("compress and deploy the pyengine model (validation: the corpus's last 5%):")
+    print(f"2. compress and deploy the pyengine model (validation: the general text's last "
+          f"{VAL_FRACTION:.0%}):")
     pruned = pyengine.prune(ours, 0.5)
     tuner = _LMTrainer(pruned, fused=True)
     windows = iterate_bptt(stream, args.seq_len)  # the training text, never the validation
@@ -263,18 +356,89 @@ def _compress_and_deploy(ours, trainers, tokenizer, stream, val_ids, args) -> No
     for name, size, ppl, speed in rows:
         print(f"{name:<24}{size:>10.2f}{ppl:>10.2f}{speed:>11,.0f}")
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    onnx_path = os.path.join(args.output_dir, "model.onnx")
-    card = export(ours, onnx_path, tokenizer=tokenizer, metrics={"val_perplexity": rows[0][2]})
+    onnx_path = pathlib.Path(args.output_dir) / "model.onnx"
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    card = export(ours, str(onnx_path), tokenizer=tokenizer,
+                  metrics={"val_perplexity": rows[0][2]})
     print(f"exported {onnx_path} ({card['size_bytes'] / 1e6:.2f} MB, onnxruntime matches to "
           f"{card['check_max_abs_diff']:.1e}) and its model card {onnx_path}.json")
+    return {"rows": rows, "card": card}
 
-    plot = os.path.join(args.output_dir, "loss.png")
+
+def _domain_finetune(checkpoint: pathlib.Path, args) -> dict:
+    """Fine-tune the pretrained LM on the domain text (`pyengine finetune --task lm`) and
+    evaluate the checkpoints before and after on its held-out part (`pyengine evaluate`)."""
+    out = pathlib.Path(args.output_dir) / "domain"
+    text = dict(data="stdlib", max_chars=args.domain_chars, val_fraction=VAL_FRACTION,
+                batch_size=args.batch_size, seq_len=args.seq_len)
+    options = dict(task="lm", from_checkpoint=str(checkpoint), **text,
+                   max_steps=args.domain_steps, seed=args.seed, threads=args.threads,
+                   tensorboard=False, output_dir=str(out))
+    print()
+    print(f"3. domain fine-tuning: the pyengine model, {args.domain_steps} steps on the "
+          f"standard library's Python source ({args.domain_chars:,} chars, the last "
+          f"{VAL_FRACTION:.0%} held out):", flush=True)
+    print(f"  $ {_command('finetune', options)}")
+    result = _recipe("finetune", options)
+    if "validation" not in result:
+        raise SystemExit(f"pyengine demo: --domain-chars {args.domain_chars} leaves no "
+                         "held-out domain text to evaluate; give more characters")
+    before, after = result["validation_before"], result["validation"]
+    print(f"domain validation perplexity: {before['perplexity']:.2f} before -> "
+          f"{after['perplexity']:.2f} after fine-tuning")
+
+    print("evaluate both checkpoints on the held-out domain text"
+          + (f" (BLEU: greedy continuations of {args.bleu_prompts} prompts):"
+             if args.bleu_prompts else ":"), flush=True)
+    evaluations = {}
+    for name, model in (("before", checkpoint), ("after", out / "model.pt")):
+        options = dict(model=str(model), **text, bleu=args.bleu_prompts or None)
+        print(f"  $ {_command('evaluate', options)}")
+        evaluations[name] = _recipe("evaluate", options)
+    has_bleu = "bleu" in evaluations["after"]
+    print(f"{'model':<24}{'perplexity':>12}{'token acc':>11}" + (f"{'BLEU':>8}" if has_bleu
+                                                                 else ""))
+    for label, name in (("pretrained (general)", "before"), ("fine-tuned (domain)", "after")):
+        r = evaluations[name]
+        print(f"{label:<24}{r['perplexity']:>12.2f}{r['accuracy']:>11.4f}"
+              + (f"{r['bleu']:>8.2f}" if has_bleu else ""))
+    return {"finetune": result, **evaluations}
+
+
+def _classify(checkpoint: pathlib.Path, args) -> dict:
+    """Fine-tune an LSTMClassifier from the pretrained LM with focal loss on the embedded
+    classification task (`pyengine finetune`); returns the recipe's result."""
+    from pyengine.train import metrics
+
+    options = dict(from_checkpoint=str(checkpoint), loss="focal", max_len=128,
+                   max_examples=args.classify_examples, max_steps=args.classify_steps,
+                   batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+                   tensorboard=False, output_dir=str(pathlib.Path(args.output_dir) /
+                                                     "classifier"))
+    print()
+    print("4. classifier: an LSTMClassifier starting from the pretrained embedding and LSTM, "
+          "focal loss, on the embedded task (which kind of text a snippet is: stdlib code, "
+          "docstring or docs prose):", flush=True)
+    print(f"  $ {_command('finetune', options)}")
+    result = _recipe("finetune", options)
+    test = result["test"]
+    counts = ", ".join(f"{n} {c}" for n, c in zip(result["labels"], result["class_counts"]))
+    print(f"test: accuracy {test['accuracy']:.4f}  macro-F1 {test['f1_macro']:.4f}  "
+          f"({result['steps']} steps; examples: {counts})")
+    print(metrics.format_report(test["report"]))
+    return result
+
+
+def _write_report(args, trainers, compressed, domain, classifier) -> pathlib.Path:
+    """OUTPUT_DIR/report.md: every stage's numbers and the loss plot."""
     import matplotlib
+
+    from pyengine.train import metrics
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = pathlib.Path(args.output_dir)
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for name, trainer in trainers.items():
         axes.plot(trainer.losses, label=name)
@@ -282,27 +446,51 @@ def _compress_and_deploy(ours, trainers, tokenizer, stream, val_ids, args) -> No
     axes.set_ylabel("training loss")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(plot, dpi=100)
+    figure.savefig(out / "loss.png", dpi=100)
     plt.close(figure)
+
     speeds = {n: statistics.median(t.speeds) for n, t in trainers.items()}
+    card = compressed["card"]
+    before, after = domain["before"], domain["after"]
+    bleu = "bleu" in after
+    test = classifier["test"]
     lines = [
         "# pyengine demo report", "",
+        "## 1. Pretraining on the general text (pydoc help topics)", "",
         f"Byte-level LSTM LM (embed {args.embed}, hidden {args.hidden}, layers {args.layers}), "
-        f"{args.steps} steps of batch {args.batch_size} x {args.seq_len} on the embedded corpus.",
+        f"{args.steps} steps of batch {args.batch_size} x {args.seq_len}; checkpoint "
+        "`pretrained/model.pt`.",
         "", "| run | first loss | final loss | median tokens/s |", "|---|---|---|---|",
         *(f"| {n} | {t.losses[0]:.4f} | {t.losses[-1]:.4f} | {speeds[n]:,.0f} |"
           for n, t in trainers.items()),
         "", "![training loss](loss.png)", "",
+        "## 2. Compression and export", "",
         "| variant | size MB | validation perplexity | generation tokens/s |", "|---|---|---|---|",
-        *(f"| {n} | {size:.2f} | {ppl:.2f} | {speed:,.0f} |" for n, size, ppl, speed in rows),
+        *(f"| {n} | {size:.2f} | {ppl:.2f} | {speed:,.0f} |"
+          for n, size, ppl, speed in compressed["rows"]),
         "", f"ONNX export: `model.onnx` (+ `model.onnx.json`), onnxruntime max difference "
         f"{card['check_max_abs_diff']:.1e}.", "",
+        "## 3. Domain fine-tuning (standard-library Python source)", "",
+        f"{domain['finetune']['steps']} steps from the pretrained checkpoint on the first "
+        f"{args.domain_chars:,} characters; evaluated on their last {VAL_FRACTION:.0%}; "
+        "checkpoint `domain/model.pt`.", "",
+        "| model | perplexity | token accuracy |" + (" BLEU |" if bleu else ""),
+        "|---|---|---|" + ("---|" if bleu else ""),
+        *(f"| {label} | {r['perplexity']:.2f} | {r['accuracy']:.4f} |"
+          + (f" {r['bleu']:.2f} |" if bleu else "")
+          for label, r in (("pretrained (general)", before), ("fine-tuned (domain)", after))),
+        "", "## 4. Classifier from the pretrained LM (focal loss)", "",
+        f"Embedded task (code / docstring / docs), {sum(classifier['class_counts'])} examples "
+        f"(class counts {classifier['class_counts']}), {classifier['steps']} steps; checkpoint "
+        "`classifier/model.pt`. Test split:", "",
+        f"accuracy {test['accuracy']:.4f}, macro-F1 {test['f1_macro']:.4f}", "",
+        "```", metrics.format_report(test["report"]), "```", "",
     ]
-    report = os.path.join(args.output_dir, "report.md")
-    with open(report + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(report + ".tmp", report)
-    print(f"report: {report}")
+    report = out / "report.md"
+    tmp = out / "report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.replace(report)
+    return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,8 +508,9 @@ def _add_common_training_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by train and finetune. Their defaults are None: a value not given on the
     command line comes from --config, then from pyengine.train.recipes' defaults."""
     add = parser.add_argument
-    add("--data", help="training data file (text for an LM; CSV/JSONL for classification) or "
-        "'default' for the embedded default (the default)")
+    add("--data", help="training data file (text for an LM; CSV/JSONL for classification), "
+        "'default' for the embedded default (the default: pydoc help topics, or the embedded "
+        "classification task) or, for an LM, 'stdlib' (standard-library Python source)")
     add("--config", help="YAML or TOML file of options (keys = option names); flags win")
     add("--output-dir", help="where checkpoints, logs and result.json go (required)")
     add("--seed", type=int)
@@ -405,11 +594,13 @@ def _add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "evaluate", help="evaluate a saved model on a data file or the embedded default",
-        description="LM: loss, perplexity, token accuracy. Classifier: accuracy, precision, "
-        "recall, F1 (macro/micro/weighted, per class), confusion matrix, worst examples.")
+        description="LM: loss, perplexity, token accuracy, and with --bleu N the BLEU of "
+        "greedy continuations of N prompts. Classifier: accuracy, precision, recall, F1 "
+        "(macro/micro/weighted, per class), confusion matrix, worst examples.")
     add = parser.add_argument
     add("--model", help="model checkpoint (model.pt or last.pt)")
-    add("--data", help="data file or 'default'")
+    add("--data", help="data file, or an embedded text: 'default' (pydoc help topics; for a "
+        "classifier the embedded task) or 'stdlib' (standard-library Python source)")
     add("--config", help="YAML or TOML file of options")
     add("--output", help="also write the result as JSON here")
     add("--output-dir", help="write result.json into this directory")
@@ -423,6 +614,12 @@ def _add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     add("--max-len", type=_positive_int)
     add("--max-chars", type=_positive_int)
     add("--max-examples", type=_positive_int)
+    add("--val-fraction", type=_optional_float,
+        help="LM: evaluate only the last FRACTION of the text, the validation split that "
+        "train / finetune --task lm hold out with the same --val-fraction and --batch-size")
+    add("--bleu", type=_non_negative_int, metavar="N",
+        help="LM: BLEU of greedy continuations of N prompts spread over the text against the "
+        "real continuations (off by default)")
     return parser
 
 
@@ -486,7 +683,9 @@ def _add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "process, one after another, and collect what they print into <output>/report.md "
         "(with the machine, date and versions), <output>/results.json (per family: status, "
         "seconds, output tail) and, for scripts that can write their rows as JSON, the rows "
-        "(<output>/<family>.json) and a ratio plot (<output>/<family>_ratio.png). Without "
+        "(<output>/<family>.json), a ratio plot (<output>/<family>_ratio.png) and a scaling "
+        "plot (<output>/<family>_scaling.png). Speedups are the baseline's median time over "
+        "the implementation's (x faster). Without "
         "--quick each script also updates its own section of bench/RESULTS.md. Needs a "
         "source checkout (pip install -e .): the bench scripts are not installed.",
     )
@@ -508,7 +707,6 @@ def _add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def _script_options(script: pathlib.Path, root: pathlib.Path) -> str:
     """The script's --help text ('' if it fails), to see which options it takes."""
-    import subprocess
 
     try:
         out = subprocess.run([sys.executable, str(script), "--help"], cwd=root,
@@ -524,7 +722,6 @@ def _run_family(command: list[str], root: pathlib.Path, timeout: float) -> tuple
     timeout). Returns (status, returncode, stdout, stderr)."""
     import os
     import signal
-    import subprocess
 
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
@@ -547,21 +744,35 @@ def _run_family(command: list[str], root: pathlib.Path, timeout: float) -> tuple
     return ("ok" if proc.returncode == 0 else "failed"), proc.returncode, stdout, stderr
 
 
-def _bench_plot(family: str, rows_json: pathlib.Path, output: pathlib.Path) -> str | None:
-    """Ratio plot from a script's JSON rows; returns the PNG path, or None (reason printed)."""
+def _bench_plots(family: str, rows_json: pathlib.Path, output: pathlib.Path) -> dict[str, str]:
+    """The ratio plot (<family>_ratio.png) and, when the script swept sizes, the scaling plot
+    (<family>_scaling.png) from a script's JSON rows; returns {"ratio"|"scaling": PNG path}
+    for those drawn (why one is missing is printed)."""
     import json
 
-    from pyengine.benchmarking import plot_ratios
+    from pyengine.benchmarking import plot_ratios, plot_scaling
 
     try:
         data = json.loads(rows_json.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"pyengine bench: {family}: no plots: {exc}", file=sys.stderr)
+        return {}
+    title = f"{family}: {data.get('section', family)}"
+    plots = {}
+    try:
         path = output / f"{family}_ratio.png"
-        plot_ratios(str(path), data["rows"], title=f"{family}: {data.get('section', family)}",
-                    **data.get("plot", {}))
-        return str(path)
+        plots["ratio"] = plot_ratios(str(path), data["rows"], title=title,
+                                     **data.get("plot", {}))
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
-        print(f"pyengine bench: {family}: no plot: {exc}", file=sys.stderr)
-        return None
+        print(f"pyengine bench: {family}: no ratio plot: {exc}", file=sys.stderr)
+    if data.get("scaling"):
+        try:
+            path = output / f"{family}_scaling.png"
+            plots["scaling"] = plot_scaling(str(path), data["scaling"],
+                                            title=f"{title}: scaling")
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+            print(f"pyengine bench: {family}: no scaling plot: {exc}", file=sys.stderr)
+    return plots
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -627,7 +838,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  "stderr_tail": stderr[-_BENCH_TAIL:] if status != "ok" else ""}
         if status == "ok" and rows_json.exists():
             entry["rows_json"] = str(rows_json)
-            entry["plot"] = _bench_plot(family, rows_json, output)
+            plots = _bench_plots(family, rows_json, output)
+            entry["plot"] = plots.get("ratio")
+            entry["scaling_plot"] = plots.get("scaling")
         results[family] = entry
         print(f"[bench] {family}: {status} in {seconds:.1f} s", flush=True)
         body = stdout.strip() or "(no output)"
@@ -635,8 +848,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if status != "ok":
             why = f"timed out after {timeout} s" if status == "timeout" else f"exit code {code}"
             section += f"\n{why}; stderr tail:\n\n```\n{stderr[-_BENCH_TAIL:].strip()}\n```\n"
-        if entry.get("plot"):
-            section += f"\n![{family} ratios]({pathlib.Path(entry['plot']).name})\n"
+        for key, what in (("plot", "ratios"), ("scaling_plot", "scaling")):
+            if entry.get(key):
+                section += f"\n![{family} {what}]({pathlib.Path(entry[key]).name})\n"
         sections.append(section)
 
     total = time.perf_counter() - start_all
@@ -650,6 +864,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         {"info": info, "total_seconds": round(total, 2), "families": results}, indent=2) + "\n")
     print(f"[bench] {len(results) - len(failed)}/{len(results)} families ran in {total:.1f} s; "
           f"report: {output / 'report.md'}")
+    targets = bench_dir / "targets.py"
+    if not args.quick and targets.exists():
+        # The issues' targets, read from the rows just written (and any earlier full run's in
+        # the same folder), as the first section of bench/RESULTS.md.
+        subprocess.run([sys.executable, str(targets), str(output)], cwd=root, check=False)
     if failed:
         print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -1,5 +1,9 @@
 """The command-line interface, end to end at tiny sizes."""
 
+import contextlib
+import io
+import re
+import shlex
 import subprocess
 import sys
 
@@ -8,12 +12,28 @@ import pytest
 from pyengine import cli
 
 TINY = ["--steps", "3", "--batch-size", "2", "--seq-len", "8", "--hidden", "16", "--embed", "8"]
-TINY += ["--layers", "1"]
+TINY += ["--layers", "1", "--domain-steps", "2", "--domain-chars", "3000", "--bleu-prompts", "3"]
+TINY += ["--classify-examples", "60", "--classify-steps", "2"]
 
 
-def test_demo_prints_progress_table_and_generation(capsys, tmp_path):
-    assert cli.main(["demo", *TINY, "--output-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+def run(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(argv)
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One tiny demo run shared by the tests: (its stdout, its output folder)."""
+    folder = tmp_path_factory.mktemp("demo")
+    code, out = run(["demo", *TINY, "--output-dir", str(folder)])
+    assert code == 0
+    return out, folder
+
+
+def test_demo_prints_progress_table_and_generation(demo):
+    out, folder = demo
     assert "step    1/3" in out and "step    3/3" in out
     assert "pyengine loss" in out and "torch loss" in out
     for row in ("first loss", "final loss", "median tokens/s", "speed ratio ours/torch"):
@@ -26,14 +46,53 @@ def test_demo_prints_progress_table_and_generation(capsys, tmp_path):
     for variant in ("float32", "int8 (quantize)", "pruned 50% + fine-tune"):
         assert any(line.startswith(variant) for line in lines)
     for name in ("model.onnx", "model.onnx.json", "loss.png", "report.md"):
-        assert (tmp_path / name).exists()
-    assert "| pruned 50% + fine-tune |" in (tmp_path / "report.md").read_text()
+        assert (folder / name).exists()
+    assert "| pruned 50% + fine-tune |" in (folder / "report.md").read_text()
 
 
-def test_demo_same_initial_weights_give_same_first_loss(capsys, tmp_path):
-    cli.main(["demo", *TINY, "--output-dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    first = next(line for line in out.splitlines() if line.startswith("first loss")).split()
+def test_demo_fine_tunes_on_the_domain_and_trains_a_classifier(demo):
+    out, folder = demo
+    for stage in ("1. pretraining on the general text", "2. compress and deploy",
+                  "3. domain fine-tuning", "4. classifier", "summary:"):
+        assert stage in out
+    before, after = map(float, re.search(
+        r"domain validation perplexity: ([\d.]+) before -> ([\d.]+) after", out).groups())
+    rows = {label: line.split()[-3:] for line in out.splitlines()
+            for label in ("pretrained (general)", "fine-tuned (domain)") if line.startswith(label)}
+    assert float(rows["pretrained (general)"][0]) == before  # evaluate agrees with finetune
+    assert float(rows["fine-tuned (domain)"][0]) == after
+    accuracy, f1 = map(float, re.search(r"test: accuracy ([\d.]+)  macro-F1 ([\d.]+)",
+                                        out).groups())
+    assert 0 <= accuracy <= 1 and 0 <= f1 <= 1
+    assert "macro avg" in out
+    for name in ("pretrained/model.pt", "domain/model.pt", "classifier/model.pt"):
+        assert (folder / name).exists()
+    report = (folder / "report.md").read_text()
+    for heading in ("## 3. Domain fine-tuning", "| fine-tuned (domain) |", "## 4. Classifier",
+                    f"macro-F1 {f1:.4f}"):
+        assert heading in report
+
+
+def test_demo_stages_run_alone_with_the_printed_commands(demo):
+    out, _ = demo
+    commands = [shlex.split(line.strip()[2:]) for line in out.splitlines()
+                if line.startswith("  $ pyengine ")]
+    names = [c[1] for c in commands]
+    assert names == ["train", "finetune", "evaluate", "evaluate", "finetune"]
+    # the domain fine-tuning and its evaluation, alone, give the demo's numbers
+    code, alone = run(commands[1][1:])
+    assert code == 0
+    after = re.search(r"([\d.]+) after fine-tuning", out).group(1)
+    assert "validation after fine-tuning: loss" in alone and f"perplexity {after}" in alone
+    code, alone = run(commands[3][1:])
+    assert code == 0 and f"perplexity {after}" in alone and "BLEU" in alone
+    for command in (commands[4], commands[0]):  # the classifier, then pretraining
+        code, alone = run(command[1:])
+        assert code == 0 and "accuracy" in alone
+
+
+def test_demo_same_initial_weights_give_same_first_loss(demo):
+    first = next(line for line in demo[0].splitlines() if line.startswith("first loss")).split()
     assert first[-1] == first[-2]
 
 
@@ -45,6 +104,11 @@ def test_no_command_or_bad_option_exits_with_usage(capsys):
         cli.main(["demo", "--steps", "0"])
     assert err.value.code == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_demo_reports_a_stage_error_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="--domain-chars 5 leaves no held-out"):
+        run(["demo", *TINY, "--domain-chars", "5", "--output-dir", str(tmp_path)])
 
 
 @pytest.mark.slow

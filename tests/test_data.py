@@ -1,9 +1,16 @@
-"""pyengine.data: the embedded corpus, the byte tokenizer, truncated-BPTT batching."""
+"""pyengine.data: the embedded corpora, the byte tokenizer, truncated-BPTT batching."""
 
 import pytest
 import torch
 
-from pyengine.data import ByteTokenizer, batchify, default_corpus, iterate_bptt
+from pyengine.data import (
+    ByteTokenizer,
+    batchify,
+    default_corpus,
+    embedded_corpus,
+    iterate_bptt,
+    python_source_corpus,
+)
 
 
 def test_default_corpus_is_deterministic_nonempty_printable_prose():
@@ -28,6 +35,22 @@ def test_default_corpus_rejects_bad_max_chars(bad):
         default_corpus(max_chars=bad)
     with pytest.raises(TypeError, match="max_chars"):
         default_corpus(max_chars="10")
+
+
+def test_python_source_corpus_is_code_read_only_as_far_as_needed():
+    text = python_source_corpus(max_chars=20_000)
+    assert len(text) == 20_000 and python_source_corpus(max_chars=20_000) == text
+    assert "def " in text and "import " in text
+    assert python_source_corpus(max_chars=100) == text[:100]
+    with pytest.raises(ValueError, match="max_chars"):
+        python_source_corpus(max_chars=0)
+
+
+def test_embedded_corpus_by_name():
+    assert embedded_corpus("default", 50) == default_corpus(50)
+    assert embedded_corpus("stdlib", 50) == python_source_corpus(50)
+    with pytest.raises(ValueError, match="unknown embedded corpus 'nope'.*default.*stdlib"):
+        embedded_corpus("nope")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,14 @@
-"""Data: the embedded default corpus, tokenizers, cleaning, datasets and truncated-BPTT batching."""
+"""Data: the embedded corpora, tokenizers, cleaning, datasets and truncated-BPTT batching."""
 
 from pyengine.data.cleaning import clean_text, dedupe_lines, normalize_whitespace
-from pyengine.data.corpus import batchify, default_corpus, iterate_bptt
+from pyengine.data.corpus import (
+    EMBEDDED_CORPORA,
+    batchify,
+    default_corpus,
+    embedded_corpus,
+    iterate_bptt,
+    python_source_corpus,
+)
 from pyengine.data.datasets import (
     ClassificationDataset,
     LanguageModelDataset,
@@ -25,5 +32,6 @@ __all__ = [
     "LabelledData", "clean_text", "dedupe_lines", "default_classification_task",
     "load_labelled", "normalize_whitespace",
     "LanguageModelDataset", "augment_tokens", "batchify", "class_weights", "collate",
-    "default_corpus", "iterate_bptt", "resample", "tokenizer_from_dict", "train_val_test_split",
+    "default_corpus", "EMBEDDED_CORPORA", "embedded_corpus", "iterate_bptt",
+    "python_source_corpus", "resample", "tokenizer_from_dict", "train_val_test_split",
 ]

@@ -1,13 +1,17 @@
-"""The embedded default corpus and the truncated-BPTT batching of a token stream.
+"""The embedded corpora and the truncated-BPTT batching of a token stream.
 
-The default text is read at run time from what every Python installation carries (the English
-prose of the standard library's `pydoc_data` help topics), so demos and tests need no download.
+The embedded texts are read at run time from what every Python installation carries, so demos
+and tests need no download: "default" is the general text (the English prose of the standard
+library's `pydoc_data` help topics), "stdlib" the domain text (the standard library's own
+Python source).
 """
 
 from __future__ import annotations
 
 import functools
+import sysconfig
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -25,13 +29,53 @@ def default_corpus(max_chars: int | None = None) -> str:
     About 0.46 MB of English prose (with a little code), identical on every run of a given
     Python version. `max_chars` keeps only the first `max_chars` characters.
     """
+    _check_max_chars(max_chars)
+    text = _pydoc_topics_text()
+    return text if max_chars is None else text[:max_chars]
+
+
+def python_source_corpus(max_chars: int | None = None) -> str:
+    """The embedded domain text: the standard library's public top-level modules (`*.py` not
+    starting with "_", sorted by name), concatenated. `max_chars` keeps the first characters
+    (and reads only the files needed for them)."""
+    _check_max_chars(max_chars)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if not p.name.startswith("_"))
+    parts, size = [], 0
+    for path in files:
+        if max_chars is not None and size >= max_chars:
+            break
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        parts.append(text)
+        size += len(text) + 1
+    if not parts:
+        raise FileNotFoundError(f"no standard-library Python sources (*.py) under {stdlib}: "
+                                "this Python installation ships without them")
+    text = "\n".join(parts)
+    return text if max_chars is None else text[:max_chars]
+
+
+EMBEDDED_CORPORA = {"default": default_corpus, "stdlib": python_source_corpus}
+
+
+def embedded_corpus(name: str, max_chars: int | None = None) -> str:
+    """An embedded text by name: "default" (pydoc help topics, the general text) or "stdlib"
+    (standard-library Python source, the domain text)."""
+    if name not in EMBEDDED_CORPORA:
+        raise ValueError(f"unknown embedded corpus {name!r}; expected one of "
+                         f"{sorted(EMBEDDED_CORPORA)}")
+    return EMBEDDED_CORPORA[name](max_chars)
+
+
+def _check_max_chars(max_chars) -> None:
     if max_chars is not None:
         if isinstance(max_chars, bool) or not isinstance(max_chars, int):
             raise TypeError(f"max_chars must be an int or None, got {type(max_chars).__name__}")
         if max_chars < 1:
             raise ValueError(f"max_chars must be >= 1 or None, got {max_chars}")
-    text = _pydoc_topics_text()
-    return text if max_chars is None else text[:max_chars]
 
 
 def _check_positive_int(name: str, value) -> None:

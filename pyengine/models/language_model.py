@@ -59,13 +59,16 @@ class LSTMLanguageModel(nn.Module):
         label_smoothing: float = 0.0,
         gamma: float = 0.0,
         z_loss: float = 0.0,
+        return_correct: bool = False,
     ) -> tuple[torch.Tensor, State]:
         """tokens: [B,T] int64 -> logits [B,T,V], (h_n, c_n).
 
         With targets ([B,T] int64 next tokens, ignore_index for padding) it returns
         (loss, (h_n, c_n)) instead: the cross-entropy (focal with gamma > 0; the options are
         those of pyengine.ops.linear_cross_entropy) computed straight from the hidden states
-        and the head's weight, never materialising the [B,T,V] logits.
+        and the head's weight, never materialising the [B,T,V] logits. return_correct=True
+        (with targets) returns ((loss, correct), (h_n, c_n)), correct counting the non-ignored
+        positions whose most likely token is the target.
         """
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(
@@ -83,6 +86,7 @@ class LSTMLanguageModel(nn.Module):
                 self.dropout(hidden), self.head.weight, targets, bias=self.head.bias,
                 class_weight=class_weight, ignore_index=ignore_index, reduction=reduction,
                 label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
+                return_correct=return_correct,
             )
             return loss, state
         return self.head(self.dropout(hidden)), state

@@ -35,7 +35,8 @@ FINETUNE = dict(COMMON, task="classify", from_checkpoint=None, loss="cross_entro
 EVALUATE = dict(model=None, data=None, labels=None, batch_size=32, seq_len=64, worst=5,
                 output=None, on_error="raise", text_field="text", label_field="label",
                 max_len=256, max_chars=None, max_examples=2000, seed=0, clean=False,
-                lower=False, dedupe=False)
+                lower=False, dedupe=False, val_fraction=None, bleu=0)
+BLEU_PROMPT_TOKENS, BLEU_CONTINUATION_TOKENS = 64, 32
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -88,11 +89,19 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _read_text(cfg) -> tuple[str, str]:
-    from pyengine.data import clean_text, default_corpus
+EMBEDDED_SOURCES = {"default": "embedded default (pydoc_data help topics)",
+                    "stdlib": "embedded stdlib (standard-library Python source)"}
 
-    if cfg.get("data") in (None, "", "default"):
-        text, source = default_corpus(), "embedded default (pydoc_data help topics)"
+
+def _read_text(cfg) -> tuple[str, str]:
+    """The text named by cfg["data"]: a file, or an embedded corpus ("default" when not given,
+    or "stdlib"), cut to max_chars and cleaned as asked."""
+    from pyengine.data import clean_text, embedded_corpus
+
+    name = cfg.get("data") or "default"
+    if name in EMBEDDED_SOURCES:
+        max_chars = int(cfg["max_chars"]) if cfg.get("max_chars") else None
+        text, source = embedded_corpus(name, max_chars), EMBEDDED_SOURCES[name]
     else:
         path = Path(cfg["data"])
         if not path.is_file():
@@ -117,17 +126,25 @@ def _read_text(cfg) -> tuple[str, str]:
     return text, source
 
 
+def _held_out(ids: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training ids, validation ids: the last val_fraction of the stream, or None)."""
+    n_val = int(len(ids) * float(cfg.get("val_fraction") or 0))
+    return (ids[: len(ids) - n_val], ids[len(ids) - n_val :]) if n_val else (ids, None)
+
+
+def _val_batch_size(cfg) -> int:
+    return max(1, int(cfg["batch_size"]) // 4)
+
+
 def _lm_splits(text: str, tokenizer, cfg):
     from pyengine.data import LanguageModelDataset
 
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    n_val = int(len(ids) * float(cfg.get("val_fraction") or 0))
-    train_ids, val_ids = (ids[: len(ids) - n_val], ids[len(ids) - n_val :]) if n_val else (
-        ids, None)
+    train_ids, val_ids = _held_out(ids, cfg)
     train = LanguageModelDataset(train_ids, cfg["batch_size"], cfg["seq_len"])
     val = None
-    if val_ids is not None and len(val_ids) >= 2 * max(1, cfg["batch_size"] // 4):
-        val = LanguageModelDataset(val_ids, max(1, cfg["batch_size"] // 4), cfg["seq_len"])
+    if val_ids is not None and len(val_ids) >= 2 * _val_batch_size(cfg):
+        val = LanguageModelDataset(val_ids, _val_batch_size(cfg), cfg["seq_len"])
     return train, val
 
 
@@ -227,8 +244,11 @@ def finetune(cfg: dict[str, Any]) -> dict[str, Any]:
             if int(name.rsplit("_l", 1)[-1].split("_")[0]) < int(cfg["freeze_layers"]):
                 p.requires_grad_(False)
         trainer = _trainer(lm, cfg, tok, out)
+        result = {"source": source}
+        if val is not None:
+            result["validation_before"] = trainer.evaluate(val)
         trainer.fit(train, val, resume=bool(cfg["resume"]))
-        result = {"source": source, "steps": trainer.global_step}
+        result["steps"] = trainer.global_step
         if val is not None:
             result["validation"] = trainer.evaluate(val)
         _write_json(out / "result.json", result)
@@ -271,9 +291,31 @@ def finetune(cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def continuation_bleu(model, tokenizer, ids: torch.Tensor, prompts: int,
+                      prompt_tokens: int = BLEU_PROMPT_TOKENS,
+                      continuation_tokens: int = BLEU_CONTINUATION_TOKENS) -> float:
+    """Corpus BLEU (0-100) of the model's greedy continuations of `prompts` prompts, spread
+    evenly over the token stream `ids`, against the text that really follows each of them."""
+    from pyengine.generate import generate
+
+    span = prompt_tokens + continuation_tokens
+    if prompts < 1 or len(ids) < span:
+        raise ValueError(f"BLEU needs prompts >= 1 and a text of at least {span} tokens, got "
+                         f"{prompts} prompts and {len(ids)} tokens")
+    starts = [i * (len(ids) - span) // max(1, prompts - 1) for i in range(prompts)]
+    texts = [tokenizer.decode(ids[s : s + prompt_tokens].tolist()) for s in starts]
+    truths = [tokenizer.decode(ids[s + prompt_tokens : s + span].tolist()) for s in starts]
+    guesses = generate(model, tokenizer, texts, max_new_tokens=continuation_tokens,
+                       temperature=0)
+    return M.bleu(guesses, truths)
+
+
 def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate a saved model (LM: loss/perplexity; classifier: full report + worst examples)
-    on a data file or the embedded default."""
+    """Evaluate a saved model (LM: loss/perplexity/token accuracy, BLEU of greedy
+    continuations with bleu=N prompts; classifier: full report + worst examples) on a data
+    file or an embedded corpus. val_fraction (LM): only the last part of the text, the very
+    validation split `train`/`finetune --task lm` hold out with the same val_fraction and
+    batch_size."""
     from pyengine.data import ClassificationDataset, LanguageModelDataset
     from pyengine.models import LSTMClassifier
 
@@ -300,9 +342,20 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
         result["worst_examples"] = trainer.error_analysis(ds, int(cfg["worst"]))
     else:
         text, source = _read_text(cfg)
-        ds = LanguageModelDataset(torch.tensor(tok.encode(text), dtype=torch.long),
-                                  int(cfg["batch_size"]), int(cfg["seq_len"]))
+        ids = torch.tensor(tok.encode(text), dtype=torch.long)
+        batch_size = int(cfg["batch_size"])
+        if cfg.get("val_fraction"):
+            _, ids = _held_out(ids, cfg)
+            batch_size = _val_batch_size(cfg)
+            if ids is None or len(ids) < 2 * batch_size:
+                raise ValueError(f"val_fraction={cfg['val_fraction']} leaves too few tokens "
+                                 "to evaluate")
+            source += f", last {float(cfg['val_fraction']):g} (validation split)"
+        ds = LanguageModelDataset(ids, batch_size, int(cfg["seq_len"]))
         result = {"source": source, **trainer.evaluate(ds)}
+        if cfg.get("bleu"):
+            result["bleu"] = continuation_bleu(model, tok, ids, int(cfg["bleu"]))
+            result["bleu_prompts"] = int(cfg["bleu"])
     if cfg.get("output"):
         _write_json(Path(cfg["output"]), result)
     return result
@@ -311,11 +364,14 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
 def format_result(result: dict[str, Any]) -> str:
     """Human-readable summary of a recipe's result."""
     lines = [f"data: {result.get('source')}"]
-    for part in ("train", "validation", "test", None):
+    names = {"validation_before": "validation before fine-tuning"}
+    if "validation_before" in result:
+        names["validation"] = "validation after fine-tuning"
+    for part in ("train", "validation_before", "validation", "test", None):
         r = result.get(part) if part else result
         if not isinstance(r, dict) or "loss" not in r:
             continue
-        name = part or "evaluation"
+        name = names.get(part, part or "evaluation")
         head = f"{name}: loss {r['loss']:.4f}"
         if "perplexity" in r:
             head += f"  perplexity {r['perplexity']:.2f}"
@@ -324,6 +380,10 @@ def format_result(result: dict[str, Any]) -> str:
             head += (f"  precision {r['precision_macro']:.4f}  recall {r['recall_macro']:.4f}"
                      f"  F1 {r['f1_macro']:.4f} (macro)")
         lines.append(head)
+        if part is None and "bleu" in r:
+            lines.append(f"BLEU {r['bleu']:.2f} (greedy continuations of {r['bleu_prompts']} "
+                         f"prompts of {BLEU_PROMPT_TOKENS} tokens, {BLEU_CONTINUATION_TOKENS} "
+                         "tokens each, against the real text)")
         if "report" in r:
             lines.append(M.format_report(r["report"]))
     worst = result.get("worst_examples") or result.get("worst_test_examples")

@@ -30,6 +30,7 @@ from pyengine.train.checkpoint import CheckpointError, load_checkpoint, save_che
 
 LAST = "last.pt"
 BEST = "best.pt"
+_PREDICT_LOGITS = 1 << 22  # logits one predict call holds at a time (language models)
 
 
 def _clip(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -278,6 +279,35 @@ class Trainer:
             return out.float(), state
         out, state = model(x, state, targets=y, **kwargs)  # e.g. through DDP's forward
         return out.float() * denom, state  # mean -> sum
+
+    def _fused_eval_options(self) -> dict[str, Any] | None:
+        """The fused loss options, when the model's fused path can also count the correct
+        predictions (`return_correct`) and return the summed loss: evaluation then never
+        holds the [tokens, vocabulary] logits."""
+        options = self._fused_loss_options()
+        if options is None or not options["_sum"]:
+            return None
+        if "return_correct" not in inspect.signature(self.model.forward).parameters:
+            return None
+        return options
+
+    def _fused_eval_terms(self, model, batch: dict[str, torch.Tensor], state,
+                          options: dict[str, Any]):
+        """(summed loss, normaliser, correct, counted, new state) of one LM batch through the
+        fused path, or None when every target is ignored (the logits path handles that)."""
+        y = batch["target"].to(self.device)
+        mask = y != options["ignore_index"] if "ignore_index" in options else y != -100
+        weight = options.get("class_weight")
+        denom = (float(weight.to(self.device)[y[mask]].double().sum())
+                 if isinstance(weight, torch.Tensor) else float(mask.sum()))
+        if not mask.any():
+            return None
+        kwargs = {k: v for k, v in options.items() if k != "_sum"}
+        if isinstance(weight, torch.Tensor):
+            kwargs["class_weight"] = weight.to(self.device)
+        (loss, correct), state = model(batch["input"].to(self.device), state, targets=y,
+                                       return_correct=True, **kwargs)
+        return float(loss), denom, int(correct), int(mask.sum()), state
 
     def _logits_targets(self, model, batch: dict[str, torch.Tensor], state):
         x = batch["input"].to(self.device)
@@ -571,9 +601,17 @@ class Trainer:
         state = None
         per_example, preds, targets, indices = [], [], [], []
         total_loss, total_denom, correct, count = 0.0, 0.0, 0, 0
+        fused = self._fused_eval_options() if loss_fn is self.loss_fn else None
         try:
             for b in self._batches(data, 0) if not hasattr(data, "batches") else data.batches(
                     0, 0, 1):
+                if fused is not None and "lengths" not in b:
+                    terms = self._fused_eval_terms(model, b, state, fused)
+                    if terms is not None:  # the loss and hits without the logits
+                        s, d, hits, n, state = terms
+                        total_loss, total_denom = total_loss + s, total_denom + d
+                        correct, count = correct + hits, count + n
+                        continue
                 with self._autocast():
                     logits, target, state = self._logits_targets(model, b, state)
                 logits = logits.float()
@@ -653,9 +691,14 @@ class Trainer:
                         logits = model(x, b["lengths"].to(self.device)).float()
                         outs.append(logits.softmax(-1) if probabilities else logits.argmax(-1))
                         order.append(b.get("index", torch.arange(len(x))))
-                    else:
-                        logits, state = model(x, state)
-                        outs.append(logits.softmax(-1) if probabilities else logits.argmax(-1))
+                    else:  # at most _PREDICT_LOGITS logits held at once unless asked for
+                        vocab = getattr(model, "config", {}).get("vocab_size") or 1
+                        width = x.shape[1] if probabilities else max(
+                            1, _PREDICT_LOGITS // (x.shape[0] * vocab))
+                        for t in range(0, x.shape[1], width):
+                            logits, state = model(x[:, t : t + width], state)
+                            outs.append(logits.softmax(-1) if probabilities
+                                        else logits.argmax(-1))
         finally:
             model.train(was_training)
         if order:
@@ -667,14 +710,8 @@ class Trainer:
 
     def save_model(self, path: str | os.PathLike) -> None:
         """Model weights + class + config + tokenizer, as a verified checkpoint (no optimizer)."""
-        if not self.is_main:
-            return
-        tok = self.tokenizer.to_dict() if hasattr(self.tokenizer, "to_dict") else None
-        save_checkpoint(path, {
-            "model": self.model.state_dict(), "model_class": type(self.model).__name__,
-            "model_config": dict(getattr(self.model, "config", {})), "tokenizer": tok,
-            "config": json.loads(json.dumps(self.config, default=str)),
-        })
+        if self.is_main:
+            save_model(path, self.model, self.tokenizer, self.config)
 
 
 class _null:
@@ -683,6 +720,18 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, tokenizer: Any = None,
+               config: dict[str, Any] | None = None) -> None:
+    """Write a model checkpoint that `load_model` (and `pyengine finetune/evaluate/generate`)
+    read: weights, class, constructor config, tokenizer and the options that made it."""
+    tok = tokenizer.to_dict() if hasattr(tokenizer, "to_dict") else None
+    save_checkpoint(path, {
+        "model": model.state_dict(), "model_class": type(model).__name__,
+        "model_config": dict(getattr(model, "config", {})), "tokenizer": tok,
+        "config": json.loads(json.dumps(dict(config or {}), default=str)),
+    })
 
 
 def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, Any, dict]:

@@ -79,3 +79,56 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="mapping"):
         (tmp_path / "list.yaml").write_text("- 1\n")
         recipes.load_config_file(tmp_path / "list.yaml")
+
+
+def test_finetune_lm_reports_before_after_and_evaluate_reproduces_it(tmp_path, capsys):
+    lm = tmp_path / "lm"
+    assert main(["train", "--output-dir", str(lm), "--embed", "8", "--hidden", "16",
+                 "--max-steps", "2", "--batch-size", "4", "--seq-len", "16",
+                 "--max-chars", "4000", "--no-tensorboard"]) == 0
+    split = ["--data", "stdlib", "--max-chars", "6000", "--val-fraction", "0.2",
+             "--batch-size", "8", "--seq-len", "16"]
+    assert main(["finetune", "--task", "lm", "--from", str(lm / "model.pt"), *split,
+                 "--output-dir", str(tmp_path / "ft"), "--max-steps", "3",
+                 "--no-tensorboard"]) == 0
+    out = capsys.readouterr().out
+    assert "embedded stdlib" in out
+    result = json.loads((tmp_path / "ft" / "result.json").read_text())
+    before, after = result["validation_before"], result["validation"]
+    assert "validation before fine-tuning" in out and "validation after fine-tuning" in out
+    assert main(["evaluate", "--model", str(tmp_path / "ft" / "model.pt"), *split,
+                 "--bleu", "4", "--output", str(tmp_path / "e.json")]) == 0
+    assert "BLEU" in capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["loss"] == pytest.approx(after["loss"], rel=1e-6)
+    assert 0 <= evaluated["bleu"] <= 100 and evaluated["bleu_prompts"] == 4
+    assert main(["evaluate", "--model", str(lm / "model.pt"), *split]) == 0
+    assert f"perplexity {before['perplexity']:.2f}" in capsys.readouterr().out
+    assert main(["evaluate", "--model", str(lm / "model.pt"), "--data", "stdlib",
+                 "--max-chars", "30", "--val-fraction", "0.1", "--batch-size", "8"]) == 2
+    assert "val_fraction=0.1 leaves too few tokens" in capsys.readouterr().err
+
+
+def test_continuation_bleu_scores_continuations_against_the_real_text(monkeypatch):
+    import pyengine.generate
+    from pyengine.data import ByteTokenizer
+
+    tok = ByteTokenizer()
+    text = " ".join(f"word{i} is followed by word{i + 1}." for i in range(60))
+    ids = torch.tensor(tok.encode(text))
+    seen = []
+
+    def oracle(model, tokenizer, prompts, max_new_tokens, temperature):
+        """The true continuation of each prompt: what a perfect model would write."""
+        assert temperature == 0 and max_new_tokens == recipes.BLEU_CONTINUATION_TOKENS
+        seen.extend(prompts)
+        return [text[text.index(p) + len(p):][:max_new_tokens] for p in prompts]
+
+    monkeypatch.setattr(pyengine.generate, "generate", oracle)
+    assert recipes.continuation_bleu(None, tok, ids, 5) == pytest.approx(100.0)
+    assert len(seen) == 5 and seen[0] == text[:64] and len(set(seen)) == 5
+    monkeypatch.setattr(pyengine.generate, "generate",
+                        lambda m, t, prompts, **kw: ["nothing like it"] * len(prompts))
+    assert recipes.continuation_bleu(None, tok, ids, 5) < 5
+    with pytest.raises(ValueError, match="at least 96 tokens"):
+        recipes.continuation_bleu(None, tok, ids[:50], 3)

@@ -280,6 +280,62 @@ def test_fused_lm_loss_path_not_taken_for_a_custom_loss():
     assert calls == 1
 
 
+class _PlainData:
+    """LM batches with ignored targets, read as a stateful stream."""
+
+    kind, stateful = "lm", True
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        self.x = torch.randint(0, 256, (3, 20), generator=g)
+        self.y = torch.randint(0, 256, (3, 20), generator=g)
+        self.y[1, 4:9] = -100
+        self.y[:, 15:] = -100  # a window with every target ignored: the logits path
+
+    def batches(self, epoch=0, rank=0, world_size=1):
+        for t in range(0, 20, 5):
+            yield {"input": self.x[:, t : t + 5], "target": self.y[:, t : t + 5]}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: None,
+    lambda: make_loss("focal", gamma=2.0),
+    lambda: torch.nn.CrossEntropyLoss(weight=torch.rand(256, generator=torch.Generator()
+                                                        .manual_seed(0)) + 0.5),
+], ids=["cross_entropy", "focal", "class_weight"])
+def test_lm_evaluate_uses_the_fused_loss_and_matches_the_logits_path(make):
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(256, 8, 12, 2)
+    calls = []
+    model.head.register_forward_hook(lambda *a: calls.append(1))
+    loss_fn = make()
+    t = Trainer(model, log_grad_norms=False, tensorboard=False, jsonl=False,
+                **({"loss_fn": loss_fn} if loss_fn is not None else {}))
+    assert t._fused_eval_options() is not None
+    fused = t.evaluate(_PlainData())
+    assert len(calls) == 1  # only the all-ignored window built logits
+    t._fused_eval_options = lambda: None
+    plain = t.evaluate(_PlainData())
+    assert len(calls) == 5
+    assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert fused["accuracy"] == plain["accuracy"]
+    assert fused["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-5)
+
+
+def test_lm_predict_holds_logits_a_time_slice_at_a_time(monkeypatch):
+    import pyengine.train.trainer as trainer_module
+
+    data = lm_data(batch_size=4, seq_len=8)
+    model = tiny_lm(dropout=0.0)
+    t = Trainer(model, log_grad_norms=False, tensorboard=False, jsonl=False)
+    whole = t.predict(data)
+    monkeypatch.setattr(trainer_module, "_PREDICT_LOGITS", 4 * 256 * 3)  # 3 steps at a time
+    widths = []
+    model.head.register_forward_hook(lambda m, i, o: widths.append(o.shape[1]))
+    assert torch.equal(t.predict(data), whole)
+    assert max(widths) == 3
+
+
 def test_fit_logs_early_stopping_and_metrics(tmp_path, capsys):
     train = cls_data(24, batch_size=8)
     val = cls_data(12, seed=1, batch_size=8)
