@@ -7,6 +7,8 @@ from pyengine import (
     ops,
 )
 from pyengine.compress import PruneSchedule, prune, quantize
+from pyengine.export import export
+from pyengine.generate import generate
 from pyengine.models import LSTMClassifier, LSTMLanguageModel
 from pyengine.nn.utils import clip_grad_norm_, clip_grad_value_, grad_norms
 from pyengine.patch import patch
@@ -21,6 +23,8 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "data",
+    "export",
+    "generate",
     "grad_norms",
     "nn",
     "ops",

@@ -110,8 +110,11 @@ def test_finetune_lm_reports_before_after_and_evaluate_reproduces_it(tmp_path, c
 
 
 def test_continuation_bleu_scores_continuations_against_the_real_text(monkeypatch):
-    import pyengine.generate
+    import importlib
+
     from pyengine.data import ByteTokenizer
+
+    generate_module = importlib.import_module("pyengine.generate")  # not the function
 
     tok = ByteTokenizer()
     text = " ".join(f"word{i} is followed by word{i + 1}." for i in range(60))
@@ -124,10 +127,10 @@ def test_continuation_bleu_scores_continuations_against_the_real_text(monkeypatc
         seen.extend(prompts)
         return [text[text.index(p) + len(p):][:max_new_tokens] for p in prompts]
 
-    monkeypatch.setattr(pyengine.generate, "generate", oracle)
+    monkeypatch.setattr(generate_module, "generate", oracle)
     assert recipes.continuation_bleu(None, tok, ids, 5) == pytest.approx(100.0)
     assert len(seen) == 5 and seen[0] == text[:64] and len(set(seen)) == 5
-    monkeypatch.setattr(pyengine.generate, "generate",
+    monkeypatch.setattr(generate_module, "generate",
                         lambda m, t, prompts, **kw: ["nothing like it"] * len(prompts))
     assert recipes.continuation_bleu(None, tok, ids, 5) < 5
     with pytest.raises(ValueError, match="at least 96 tokens"):
