@@ -268,7 +268,7 @@ def plot_ratios(
         raise ValueError(f"plot_ratios: no row has a number in {ratio_key!r}")
     plt = _pyplot()
     height = 0.8 / len(impls)
-    fig, ax = plt.subplots(figsize=(8, 1 + 0.35 * len(cases) * len(impls) + 0.3 * len(cases)))
+    fig, ax = plt.subplots(figsize=(11, 1 + 0.35 * len(cases) * len(impls) + 0.3 * len(cases)))
     for j, impl in enumerate(impls):
         ys = [i + j * height for i, c in enumerate(cases) if (c, impl) in values]
         xs = [values[c, impl] for c in cases if (c, impl) in values]
@@ -280,7 +280,8 @@ def plot_ratios(
     faster = ratio_key.lower().startswith("speedup")
     ax.set_xlabel(f"{ratio_key} (x faster: baseline time / time)" if faster else ratio_key)
     ax.set_title(title or ratio_key)
-    ax.legend(fontsize="small", loc="best")
+    # beside the axes: inside, it hides the bars
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
@@ -359,6 +360,10 @@ def plot_scaling(path: str, points: list[dict], *, title: str | None = None) -> 
         ):
             if min(values) > 0 and max(values) / min(values) >= 8:  # wide range: log scale
                 getattr(ax, f"set_{axis}scale")("log")
+        # ticks at the measured sizes, written plainly (log-scale minor labels overlap)
+        xs = sorted({float(p["x"]) for p in mine})
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_xlabel(sweep)
         ax.set_ylabel("median ms")
         ax.grid(True, which="both", alpha=0.3)
