@@ -173,3 +173,22 @@ def test_cli_generate_from_a_checkpoint(model, tmp_path, capsys):
     assert capsys.readouterr().out.rstrip("\n") == expected
     assert main(["generate", "--from", str(tmp_path / "missing.pt")]) == 2
     assert main(["generate", "--from", str(path), "--top-p", "2"]) == 2
+
+
+@pytest.mark.parametrize("variant", ["int8", "int8 weight-only", "pruned"])
+def test_int8_and_pruned_models_generate_statefully(model, variant):
+    if variant == "pruned":
+        small = pyengine.prune(model, amount=0.5)
+    else:
+        act = "none" if "weight-only" in variant else "dynamic"
+        small = pyengine.quantize(model, act=act, inplace=False)
+    text = generate(small, TOK, "the cat ", max_new_tokens=24, temperature=0)
+    assert text == naive_greedy(small, "the cat ", 24)  # the state is carried correctly
+    assert len(TOK.encode(text)) == 24
+    beams = generate(small, TOK, ["the ", "a dog "], max_new_tokens=8, num_beams=3)
+    sampled = generate(small, TOK, "the ", max_new_tokens=8, temperature=0.8, top_k=5, seed=1)
+    assert len(beams) == 2 and sampled == generate(small, TOK, "the ", max_new_tokens=8,
+                                                   temperature=0.8, top_k=5, seed=1)
+    if variant == "int8":  # quantization keeps most of the float model's greedy tokens
+        reference = generate(model, TOK, "the cat ", max_new_tokens=24, temperature=0)
+        assert sum(a == b for a, b in zip(text, reference)) >= 12
