@@ -602,9 +602,9 @@ class Trainer:
         per_example, preds, targets, indices = [], [], [], []
         total_loss, total_denom, correct, count = 0.0, 0.0, 0, 0
         fused = self._fused_eval_options() if loss_fn is self.loss_fn else None
+        batches, sharded = self._eval_batches(data)
         try:
-            for b in self._batches(data, 0) if not hasattr(data, "batches") else data.batches(
-                    0, 0, 1):
+            for b in batches:
                 if fused is not None and "lengths" not in b:
                     terms = self._fused_eval_terms(model, b, state, fused)
                     if terms is not None:  # the loss and hits without the logits
@@ -633,10 +633,37 @@ class Trainer:
                     indices.append(b.get("index", torch.arange(len(target))).cpu())
         finally:
             model.train(was_training)
+        if sharded:  # every rank ends with the totals and examples of all ranks
+            sums = torch.tensor([total_loss, total_denom, correct, count], dtype=torch.float64)
+            dist.all_reduce(sums)
+            total_loss, total_denom = float(sums[0]), float(sums[1])
+            correct, count = int(sums[2]), int(sums[3])
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, (per_example, preds, targets, indices))
+            per_example, preds, targets, indices = (
+                [t for part in gathered for t in part[k]] for k in range(4))
         return (total_loss, total_denom, correct, count, per_example, preds, targets, indices)
 
+    def _eval_batches(self, data):
+        """(batches, sharded): this rank's share of `data`, each batch read by exactly one rank
+        under DDP, so evaluation is split across ranks (sums all-reduced afterwards). Stateful
+        LM streams are split by rows (each rank carries the state along its own rows); a
+        plain iterable, or a stream with fewer rows than ranks, is read whole by every rank."""
+        if not hasattr(data, "batches"):
+            return iter(data), False
+        if self.world_size == 1:
+            return data.batches(0, 0, 1), False
+        if getattr(data, "stateful", False):
+            rows = getattr(getattr(data, "stream", None), "shape", (0,))[0]
+            if rows < self.world_size:
+                return data.batches(0, 0, 1), False
+            return data.batches(0, self.rank, self.world_size), True
+        every = data.batches(0, 0, 1)
+        return (b for i, b in enumerate(every) if i % self.world_size == self.rank), True
+
     def evaluate(self, data, loss_fn: Callable | None = None) -> dict[str, Any]:
-        """Loss and metrics over the whole of `data` (no shuffling, on this process only).
+        """Loss and metrics over the whole of `data` (no shuffling; under DDP split across the
+        ranks and reduced, so every rank returns the same numbers).
 
         Language model: loss, perplexity, token accuracy. Classification: loss, accuracy,
         precision/recall/F1 (macro, micro, weighted), per-class report, confusion matrix.

@@ -26,7 +26,33 @@ SCRIPT = textwrap.dedent("""
     if trainer.is_main:
         torch.save(model.state_dict(), sys.argv[1] + "/final.pt")
     print("rank", trainer.rank, "of", trainer.world_size, "step", trainer.global_step)
+
+    # evaluation is split across the ranks and reduced: every rank gets the whole set's numbers
+    val = LanguageModelDataset.from_text("Validation text, read once. " * 12, ByteTokenizer(),
+                                         batch_size=6, seq_len=8)
+    lm = trainer.evaluate(val)
+    from pyengine.models import LSTMClassifier
+    from pyengine.data import ClassificationDataset
+    g = torch.Generator().manual_seed(1)
+    texts = [bytes(torch.randint(97, 123, (int(n),), generator=g).tolist()).decode()
+             for n in torch.randint(3, 12, (23,), generator=g)]
+    labels = [len(t) % 3 for t in texts]
+    cls = ClassificationDataset.from_texts(texts, labels, ByteTokenizer(), batch_size=4,
+                                           shuffle=False)
+    torch.manual_seed(0)
+    clf = Trainer(LSTMClassifier(256, 3, embed_dim=8, hidden_size=16), tensorboard=False)
+    c = clf.evaluate(cls)
+    print("EVAL", trainer.rank, repr([lm["loss"], lm["accuracy"], c["loss"], c["accuracy"],
+                                      c["f1_macro"], c["report"]["macro"]["support"]]))
 """)
+
+
+def _evals(stdout):
+    """rank -> the evaluation numbers that rank printed."""
+    import ast
+
+    return {int(line.split()[1]): ast.literal_eval(line.split(" ", 2)[2])
+            for line in stdout.splitlines() if line.startswith("EVAL ")}
 
 
 @pytest.mark.slow
@@ -49,3 +75,9 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "two" / "last.pt").is_file()
+    # evaluation split across the two ranks equals the single process's, on both ranks
+    single_eval, ddp_eval = _evals(single.stdout), _evals(ddp.stdout)
+    assert set(ddp_eval) == {0, 1}
+    for rank in (0, 1):
+        assert ddp_eval[rank][-1] == single_eval[0][-1] == 23  # every example once
+        assert ddp_eval[rank] == pytest.approx(single_eval[0], rel=2e-4, abs=1e-6)
