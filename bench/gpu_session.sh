@@ -21,7 +21,7 @@ $PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 # Correctness of every GPU path on the device.
 TRITON_INTERPRET=0 $PY -m pytest -q -x \
   tests/ops/test_lstm_triton.py tests/ops/test_cross_entropy.py tests/ops/test_clip.py \
-  tests/ops/test_int8.py 2>&1 | tail -15
+  tests/ops/test_int8.py tests/ops/test_int8_lstm.py 2>&1 | tail -15
 
 # Module-level drop-in checks on CUDA against cuDNN.
 $PY - <<'PYEOF'
@@ -39,8 +39,22 @@ for kw in [dict(), dict(num_layers=2, bidirectional=True), dict(proj_size=8, num
     print("nn.LSTM cuda vs cuDNN", kw, "max abs diff", f"{err:.2e}")
 PYEOF
 
+# The int8 LSTM on CUDA (a composite of the int8_linear Triton kernel) against the CPU kernel.
+$PY - <<'PYEOF'
+import torch, pyengine
+torch.manual_seed(0)
+lm = pyengine.LSTMLanguageModel(256, 64, 128, 2).eval()
+for act in ("dynamic", "none"):
+    q = pyengine.quantize(lm, act=act, inplace=False)
+    tokens = torch.randint(0, 256, (4, 33))
+    with torch.no_grad():
+        cpu = q(tokens)[0]
+        gpu = q.cuda()(tokens.cuda())[0].cpu()
+    print("int8 LM cuda vs cpu", act, "max abs diff", f"{(gpu - cpu).abs().max().item():.2e}")
+PYEOF
+
 for script in bench/bench_lstm.py bench/bench_cross_entropy.py bench/bench_clip.py \
-              bench/bench_int8.py; do
+              bench/bench_int8.py bench/bench_generate.py bench/bench_prune.py; do
   echo "== $script"
   if $PY "$script" --help 2>/dev/null | grep -q -- "--device"; then
     timeout 300 $PY "$script" --device cuda $QUICK
