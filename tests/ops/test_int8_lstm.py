@@ -123,19 +123,21 @@ def test_composite_matches_op(act):
 def test_composite_with_triton_kernel(act):
     from pyengine.kernels import int8 as triton_int8
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: the interpreter
     T, N, I, H = 3, 2, 12, 8
     x, h0, c0, w_ih, w_hh, b, _ = make(T, N, I, H, 0, seed=3)
     ws = [Int8Weight.from_float(w) for w in (w_ih, w_hh)]
     flat = []
     for w in ws:
-        flat += [*triton_int8.pack_weight(w.qweight), w.scale]
+        flat += [*triton_int8.pack_weight(w.qweight.to(dev)), w.scale.to(dev)]
 
     def linear(x, packed, wsum, scale, bias, n, act, raw):
         return triton_int8.int8_linear(x.contiguous(), packed, wsum, scale, bias, n, act, raw,
                                        block_m=16, block_n=16, block_k=16)
 
-    got = int8_lstm_layer_composite(x, h0, c0, *flat, b, None, None, None, None, False, act,
-                                    linear=linear)
+    got = int8_lstm_layer_composite(x.to(dev), h0.to(dev), c0.to(dev), *flat, b.to(dev), None,
+                                    None, None, None, False, act, linear=linear)
+    got = [g.cpu() for g in got]
     ref = reference.int8_lstm_layer(x, h0, c0, *_pairs(*ws), b,
                                     act="dynamic" if act == 0 else "none")
     for g, r in zip(got, ref):
