@@ -23,23 +23,7 @@ def test_export_matches_onnxruntime_and_writes_a_card(tmp_path):
     assert saved["metrics"] == {"perplexity": 3.2} and saved["size_bytes"] > 0
 
     # A deployment loop over the ONNX file reproduces the model's greedy continuation.
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    prompt = [3, 7, 1]
-    with torch.no_grad():
-        logits, state = model(torch.tensor([prompt]))
-    h, c = state[0].numpy(), state[1].numpy()
-    token = int(logits[0, -1].argmax())
-    onnx_tokens, torch_tokens = [], []
-    torch_state = state
-    torch_token = token
-    for _ in range(8):
-        out, h, c = session.run(None, {"tokens": np.array([token]), "h": h, "c": c})
-        token = int(out[0].argmax())
-        onnx_tokens.append(token)
-        with torch.no_grad():
-            step_logits, torch_state = model.step(torch.tensor([torch_token]), torch_state)
-        torch_token = int(step_logits[0].argmax())
-        torch_tokens.append(torch_token)
+    onnx_tokens, torch_tokens = _greedy_over_onnx(path, model, [3, 7, 1], 8)
     assert onnx_tokens == torch_tokens
 
 

@@ -147,6 +147,25 @@ class _Int8Weights:
     def _layer_function(self):
         return functools.partial(int8_lstm_layer, act=self.act)
 
+    @staticmethod
+    def _float32_forward(forward, input, hx):
+        """forward(input, hx) without autograd, in float32: inputs of other float dtypes are
+        converted in, and the outputs ((output, (h, c)) or (h, c)) back out."""
+        dtype = input.dtype if isinstance(input, torch.Tensor) else None
+        cast = dtype is not None and dtype.is_floating_point and dtype != torch.float32
+        if cast:
+            input = input.float()
+            hx = None if hx is None else tuple(t.float() for t in hx)
+        with torch.no_grad():
+            out = forward(input, hx)
+        return _nested_to(out, dtype) if cast else out
+
+
+def _nested_to(value, dtype):
+    if isinstance(value, tuple):
+        return tuple(_nested_to(v, dtype) for v in value)
+    return value.to(dtype)
+
 
 def _check_act(act: str) -> None:
     if act not in ACTS:
@@ -210,15 +229,7 @@ class QuantizedLSTM(_Int8Weights, LSTM):
                 for name in self._flat_weights_names}
 
     def forward(self, input, hx=None):
-        if isinstance(input, torch.Tensor) and input.is_floating_point() and (
-                input.dtype != torch.float32):
-            dtype = input.dtype
-            if hx is not None:
-                hx = tuple(t.float() for t in hx)
-            output, (h, c) = self.forward(input.float(), hx)
-            return output.to(dtype), (h.to(dtype), c.to(dtype))
-        with torch.no_grad():
-            return super().forward(input, hx)
+        return self._float32_forward(super().forward, input, hx)
 
     @property
     def all_weights(self):
@@ -263,14 +274,7 @@ class QuantizedLSTMCell(_Int8Weights, LSTMCell):
                                      self._int8_weight("weight_hh"), self._bias_sum()))
 
     def forward(self, input, hx=None):
-        if isinstance(input, torch.Tensor) and input.is_floating_point() and (
-                input.dtype != torch.float32):
-            dtype = input.dtype
-            if hx is not None:
-                hx = tuple(t.float() for t in hx)
-            return tuple(t.to(dtype) for t in self.forward(input.float(), hx))
-        with torch.no_grad():
-            return super().forward(input, hx)
+        return self._float32_forward(super().forward, input, hx)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act!r}"
