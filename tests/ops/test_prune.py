@@ -93,26 +93,31 @@ def test_bad_input():
         OP([torch.randn(10, 3)], [], [0], [4], 2, "l1")
 
 
-@pytest.mark.skipif(not triton_interpreter_enabled(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not (torch.cuda.is_available() or triton_interpreter_enabled()),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind", ["l1", "l2", "taylor"])
 def test_triton_unit_importance(kind):
     from pyengine.kernels import prune as K
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through the interpreter
     ws, dims, blocks = lstm_group(7, 13, nc=True)
     grads = [torch.randn_like(w) for w in ws]
-    got = K.unit_importance(ws, grads, dims, blocks, 7, kind, block_u=4, block_r=8)
+    got = K.unit_importance([w.to(dev) for w in ws], [g.to(dev) for g in grads], dims, blocks,
+                            7, kind, block_u=4, block_r=8)
     want = reference.unit_importance(ws, dims, blocks, kind, grads)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not triton_interpreter_enabled(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not (torch.cuda.is_available() or triton_interpreter_enabled()),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
 def test_triton_nm_mask():
     from pyengine.kernels import prune as K
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     s = torch.randn(6, 24)
     s[1, :4] = 0.5
     for n, m in ((2, 4), (1, 8)):
-        assert torch.equal(K.nm_mask(s, n, m, block=8), reference.nm_mask(s, n, m))
+        assert torch.equal(K.nm_mask(s.to(dev), n, m, block=8).cpu(), reference.nm_mask(s, n, m))
 
 
 def test_torch_compile_fullgraph():
