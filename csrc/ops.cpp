@@ -24,6 +24,22 @@ TORCH_LIBRARY(pyengine, m) {
       "bool compute_input_grad) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+  // The first layer-direction of an LSTM fed straight from an embedding, without projection:
+  // the input projection of token v is row v of table (= embedding @ w_ih^T + b_ih + b_hh,
+  // computed once per vocabulary entry), so when the vocabulary is smaller than T*N this
+  // replaces the per-token GEMMs of the projection and its two gradients by V-row ones.
+  // tokens: int64 [T,N] in [0,V)  table: [V,4H]  h0, c0: [N,H]  w_hh: [4H,H]
+  // returns as lstm_layer_forward.
+  m.def(
+      "embedding_lstm_layer_forward(Tensor tokens, Tensor table, Tensor h0, Tensor c0, "
+      "Tensor w_hh, bool reverse) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  // grad_table [V,4H]: row v sums the gate gradients of every position holding token v.
+  m.def(
+      "embedding_lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "Tensor tokens, Tensor table, Tensor h0, Tensor c0, Tensor w_hh, Tensor output, "
+      "Tensor gates, Tensor cells, bool reverse) "
+      "-> (Tensor grad_table, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh)");
 
   // ---- gradient clipping (multi-tensor: one pass over all tensors) ---------------------------
   // Per-tensor norms of every tensor in one pass: a 1-D tensor [len(tensors)], float64 when any

@@ -345,14 +345,8 @@ def lstm_layer_forward(
 def _forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
     T, N, I = input.shape
     H = w_ih.shape[0] // 4
-    P = w_hr.shape[0] if w_hr is not None else H
-    rows = _active_rows(batch_sizes, T, N)
-    packed = batch_sizes is not None
     dtype, dev = input.dtype, input.device
-
     x2d = input.contiguous().view(T * N, I)
-    h0 = h0.contiguous()
-    w_hh = w_hh.contiguous()
     # Input projection of every step, biases folded in: one GEMM.
     gates = torch.empty(T, N, 4 * H, dtype=dtype, device=dev)
     gates2d = gates.view(T * N, 4 * H)
@@ -363,7 +357,21 @@ def _forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
         torch.addmm(bias, x2d, w_ih.t(), out=gates2d)
     else:
         torch.mm(x2d, w_ih.t(), out=gates2d)
+    output, h_n, c_n, cells = _recurrence(gates, h0, c0, w_hh, w_hr, batch_sizes, reverse)
+    return output, h_n, c_n, gates, cells
 
+
+def _recurrence(gates, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+    """The time loop over gates [T,N,4H] (input projections in, activated gates out).
+    Returns output [T,N,P], h_n [N,P], c_n [N,H], cells [T,N,H]."""
+    T, N, G = gates.shape
+    H = G // 4
+    P = w_hr.shape[0] if w_hr is not None else H
+    rows = _active_rows(batch_sizes, T, N)
+    packed = batch_sizes is not None
+    dtype, dev = gates.dtype, gates.device
+    h0 = h0.contiguous()
+    w_hh = w_hh.contiguous()
     alloc = torch.zeros if packed else torch.empty
     output = alloc(T, N, P, dtype=dtype, device=dev)
     cells = alloc(T, N, H, dtype=dtype, device=dev)
@@ -397,7 +405,7 @@ def _forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
         h_n = _final_hidden(output, h0, rows, reverse)
     else:
         h_n = output[0 if reverse else T - 1].clone()
-    return output, h_n, c.to(dtype), gates, cells
+    return output, h_n, c.to(dtype), cells
 
 
 # ---- backward ----------------------------------------------------------------------------------
@@ -449,9 +457,40 @@ def _backward(
     packed = batch_sizes is not None
     dtype, dev = input.dtype, input.device
 
+    output = output.contiguous()
+    dgates, dh, dc, dh_all = _recurrence_backward(
+        grad_output, grad_h_n, grad_c_n, c0, w_hh, w_hr, batch_sizes, gates, cells, reverse
+    )
+
+    # Everything that does not depend on the recurrence: one GEMM (or reduction) each.
+    dg2d = dgates.view(T * N, 4 * H)
+    empty = torch.empty(0, dtype=dtype, device=dev)
+    grad_input = torch.mm(dg2d, w_ih).view(T, N, I) if compute_input_grad else empty
+    grad_w_ih = torch.mm(dg2d.t(), input.contiguous().view(T * N, I))
+    grad_w_hh = _recurrent_weight_grad(dgates, output, h0, rows, reverse)
+    grad_bias = dg2d.sum(0) if has_bias else empty
+    grad_w_hr = empty
+    if w_hr is not None:
+        # m = o * tanh(c), recomputed, zero on inactive rows.
+        m_all = gates[:, :, 3 * H :] * torch.tanh(cells)
+        if packed:
+            m_all = m_all.masked_fill(~_active_mask(rows, N, dev), 0.0)
+        grad_w_hr = torch.mm(dh_all.view(T * N, P).t(), m_all.reshape(T * N, H))
+    return grad_input, dh, dc.to(dtype), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
+
+
+def _recurrence_backward(grad_output, grad_h_n, grad_c_n, c0, w_hh, w_hr, batch_sizes, gates,
+                         cells, reverse):  # fmt: skip
+    """The reverse sweep: dgates [T,N,4H], grad_h0 [N,P], grad_c0 [N,H] (float32), and with
+    projection dh of every step [T,N,P] (else None)."""
+    T, N, G = gates.shape
+    H = G // 4
+    P = w_hr.shape[0] if w_hr is not None else H
+    rows = _active_rows(batch_sizes, T, N)
+    packed = batch_sizes is not None
+    dtype, dev = gates.dtype, gates.device
     gates = gates.contiguous()
     cells = cells.contiguous()
-    output = output.contiguous()
     c0 = c0.contiguous()
     w_hh = w_hh.contiguous()
     have_grad_out = grad_output is not None and grad_output.numel() > 0
@@ -495,31 +534,62 @@ def _backward(
             HAS_GRAD_OUT=fuse_grad_out, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
         )  # fmt: skip
         torch.mm(dgates[t, :B], w_hh, out=dh_t)
+    return dgates, dh, dc, dh_all
 
-    # Everything that does not depend on the recurrence: one GEMM (or reduction) each.
-    dg2d = dgates.view(T * N, 4 * H)
-    empty = torch.empty(0, dtype=dtype, device=dev)
-    grad_input = torch.mm(dg2d, w_ih).view(T, N, I) if compute_input_grad else empty
-    grad_w_ih = torch.mm(dg2d.t(), input.contiguous().view(T * N, I))
-    if packed:
+
+def _recurrent_weight_grad(dgates, output, h0, rows, reverse):
+    """grad_w_hh = sum over steps of dgates[t]^T @ h_prev[t]."""
+    T, N, G = dgates.shape
+    P = output.shape[2]
+    dg2d = dgates.view(T * N, G)
+    if any(r != N for r in rows):
         h_prev = _previous_states(output, h0.contiguous(), rows, reverse)
-        grad_w_hh = torch.mm(dg2d.t(), h_prev.view(T * N, P))
-    else:
-        # h_prev is the output shifted by one step, h0 at the first step processed: two GEMMs.
-        first = T - 1 if reverse else 0
-        grad_w_hh = torch.mm(dgates[first].t(), h0)
-        if T > 1:
-            out2d = output.view(T * N, P)
-            M = (T - 1) * N
-            dg_rest = dg2d[:M] if reverse else dg2d[N:]
-            h_rest = out2d[N:] if reverse else out2d[:M]
-            grad_w_hh.addmm_(dg_rest.t(), h_rest)
-    grad_bias = dg2d.sum(0) if has_bias else empty
-    grad_w_hr = empty
-    if w_hr is not None:
-        # m = o * tanh(c), recomputed, zero on inactive rows.
-        m_all = gates[:, :, 3 * H :] * torch.tanh(cells)
-        if packed:
-            m_all = m_all.masked_fill(~_active_mask(rows, N, dev), 0.0)
-        grad_w_hr = torch.mm(dh_all.view(T * N, P).t(), m_all.reshape(T * N, H))
-    return grad_input, dh, dc.to(dtype), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
+        return torch.mm(dg2d.t(), h_prev.view(T * N, P))
+    # h_prev is the output shifted by one step, h0 at the first step processed: two GEMMs.
+    first = T - 1 if reverse else 0
+    grad_w_hh = torch.mm(dgates[first].t(), h0)
+    if T > 1:
+        out2d = output.view(T * N, P)
+        M = (T - 1) * N
+        dg_rest = dg2d[:M] if reverse else dg2d[N:]
+        h_rest = out2d[N:] if reverse else out2d[:M]
+        grad_w_hh.addmm_(dg_rest.t(), h_rest)
+    return grad_w_hh
+
+
+# ---- the first layer fed straight from an embedding ------------------------------------------
+
+
+def embedding_lstm_layer_forward(tokens, table, h0, c0, w_hh, reverse):
+    """embedding_lstm_layer_forward on CUDA: the gather of table rows, then the recurrence.
+
+    tokens: int64 [T,N]  table: [V,4H]  h0, c0: [N,H]  w_hh: [4H,H]. Returns (output, h_n, c_n,
+    gates, cells) as lstm_layer_forward.
+    """
+    with torch.no_grad():
+        T, N = tokens.shape
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= table.shape[0]:
+            raise ValueError(
+                f"embedding_lstm: tokens must be in [0, {table.shape[0]}), got values in "
+                f"[{lo}, {hi}]"
+            )
+        gates = table.index_select(0, tokens.reshape(-1)).view(T, N, table.shape[1])
+        output, h_n, c_n, cells = _recurrence(gates, h0, c0, w_hh, None, None, reverse)
+        return output, h_n, c_n, gates, cells
+
+
+def embedding_lstm_layer_backward(grad_output, grad_h_n, grad_c_n, tokens, table, h0, c0, w_hh,
+                                  output, gates, cells, reverse):  # fmt: skip
+    """Gradients of embedding_lstm_layer_forward: (grad_table [V,4H], grad_h0, grad_c0,
+    grad_w_hh)."""
+    with torch.no_grad():
+        T, N = tokens.shape
+        dgates, dh, dc, _ = _recurrence_backward(
+            grad_output, grad_h_n, grad_c_n, c0, w_hh, None, None, gates, cells, reverse
+        )
+        grad_table = torch.zeros_like(table).index_add_(
+            0, tokens.reshape(-1), dgates.view(T * N, -1)
+        )
+        grad_w_hh = _recurrent_weight_grad(dgates, output.contiguous(), h0, [N] * T, reverse)
+        return grad_table, dh, dc.to(table.dtype), grad_w_hh

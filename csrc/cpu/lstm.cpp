@@ -16,7 +16,9 @@
 
 #include <omp.h>
 
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -135,11 +137,13 @@ Tensor previous_states(const Tensor& states, const Tensor& init, const std::vect
 //
 // For small batches the per-step GEMM is a few microseconds of work, so a library call, a tensor
 // view and a thread fork per step cost more than the arithmetic. This path runs the whole time
-// loop inside one OpenMP region: each thread owns a contiguous range of unit tiles (kUnits hidden
-// units each) and, per step, computes the recurrent GEMM for the four gates of its tiles in
-// registers and applies the pointwise update right away; one barrier per step publishes the new
-// hidden state. Built with AVX-512 where the build machine has it (twice the FMA width and
-// registers), AVX2 otherwise.
+// loop inside one OpenMP region. Each step is a small register-tiled GEMM over the thread's share
+// of the step (its rows, or its hidden units when the batch is too small to split), followed by
+// one pointwise sweep over the same share. Keeping the two apart matters: the gate math is long
+// dependency chains (exp, reciprocal), and a sweep over whole rows lets the core overlap many of
+// them, where interleaving them one vector at a time with GEMM tiles left it waiting on each.
+// Built with AVX-512 where the build machine has it (twice the FMA width and registers), AVX2
+// otherwise.
 
 #if PYENGINE_HAS_AVX2
 
@@ -147,6 +151,7 @@ Tensor previous_states(const Tensor& states, const Tensor& init, const std::vect
 struct Vec {
   using T = __m512;
   static constexpr int W = 16;
+  static constexpr int kRegisters = 32;
   static T zero() { return _mm512_setzero_ps(); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
@@ -154,11 +159,15 @@ struct Vec {
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
 };
-constexpr int kTileRows = 4;  // 4 rows x 4 vectors = 16 accumulators of 32 registers
+constexpr int kMaxTileRows = 8;
+// Vectors per tile row for a tile of R rows: the widest whose R*V accumulators, V weight vectors
+// and one broadcast fit the register file (measured best: 4x4, 6x4, 8x3).
+constexpr int tile_vectors(int R) { return R <= 6 ? 4 : 3; }
 #else
 struct Vec {
   using T = __m256;
   static constexpr int W = 8;
+  static constexpr int kRegisters = 16;
   static T zero() { return _mm256_setzero_ps(); }
   static T load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
@@ -166,143 +175,244 @@ struct Vec {
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
 };
-constexpr int kTileRows = 3;  // 3 rows x 4 vectors = 12 accumulators of 16 registers
+constexpr int kMaxTileRows = 3;
+constexpr int tile_vectors(int) { return 4; }
 #endif
-constexpr int kUnits = Vec::W;  // hidden units per tile: one vector of each gate
+constexpr int kUnits = Vec::W;  // hidden units per vector
 
-// out[r][0 : W*V] = sum_k a[r][k] * b[k*ldb + 0 : W*V] for r < R.  a: R row pointers, each [K].
-// b: [K, ldb] row-major.  out: [R, W*V]. The R*V accumulators, R broadcasts and one vector of b
-// fit in the register file (no spills).
+// out[r][0 : W*V] (+)= sum_k a[r][k] * b[k*ldb + 0 : W*V] for r < R.  a: R row pointers, each
+// [K].  b: [K, ldb] row-major.  out: R row pointers, each [W*V].  With kAccumulate the tile
+// starts from out (the input projection already there) plus `add` ([W*V], the bias, or null)
+// instead of zero.
 // noinline: compiled on its own, the tile keeps every accumulator in a register; inlined into the
 // big loop body the register allocator spilled them.
-template <int R, int V>
-__attribute__((noinline)) void gemm_tile(const float* const* a, int64_t K, const float* b, int64_t ldb, float* out) {
+template <int R, int V, bool kAccumulate>
+__attribute__((noinline)) void gemm_tile(const float* const* a, int64_t K, const float* b,
+                                         int64_t ldb, float* const* out, const float* add) {
   typename Vec::T acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = Vec::zero();
-  for (int64_t k = 0; k < K; ++k) {
-    typename Vec::T av[R];
-    for (int r = 0; r < R; ++r) av[r] = Vec::broadcast(a[r] + k);
-    const float* bk = b + k * ldb;
     for (int v = 0; v < V; ++v) {
-      const typename Vec::T bv = Vec::load(bk + Vec::W * v);
-      for (int r = 0; r < R; ++r) acc[r][v] = Vec::fma(av[r], bv, acc[r][v]);
+      acc[r][v] = kAccumulate ? Vec::load(out[r] + Vec::W * v) : Vec::zero();
+      if (kAccumulate && add) acc[r][v] = Vec::add(acc[r][v], Vec::load(add + Vec::W * v));
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * ldb;
+    if constexpr (R * V + V + 1 <= Vec::kRegisters) {  // all V weight vectors held at once
+      typename Vec::T bv[V];
+      for (int v = 0; v < V; ++v) bv[v] = Vec::load(bk + Vec::W * v);
+      for (int r = 0; r < R; ++r) {
+        const typename Vec::T av = Vec::broadcast(a[r] + k);
+        for (int v = 0; v < V; ++v) acc[r][v] = Vec::fma(av, bv[v], acc[r][v]);
+      }
+    } else {  // all R broadcasts held at once
+      typename Vec::T av[R];
+      for (int r = 0; r < R; ++r) av[r] = Vec::broadcast(a[r] + k);
+      for (int v = 0; v < V; ++v) {
+        const typename Vec::T bv = Vec::load(bk + Vec::W * v);
+        for (int r = 0; r < R; ++r) acc[r][v] = Vec::fma(av[r], bv, acc[r][v]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) Vec::store(out + (r * V + v) * Vec::W, acc[r][v]);
+    for (int v = 0; v < V; ++v) Vec::store(out[r] + Vec::W * v, acc[r][v]);
 }
 
-template <int V>
-inline void gemm_tile_rows(int R, const float* const* a, int64_t K, const float* b, int64_t ldb,
-                           float* out) {
+template <int R, bool kAccumulate>
+inline void gemm_tile_vectors(int V, const float* const* a, int64_t K, const float* b, int64_t ldb,
+                              float* const* out, const float* add) {
+  switch (V) {
+    case 4: gemm_tile<R, 4, kAccumulate>(a, K, b, ldb, out, add); break;
+    case 3: gemm_tile<R, 3, kAccumulate>(a, K, b, ldb, out, add); break;
+    case 2: gemm_tile<R, 2, kAccumulate>(a, K, b, ldb, out, add); break;
+    default: gemm_tile<R, 1, kAccumulate>(a, K, b, ldb, out, add); break;
+  }
+}
+
+template <bool kAccumulate>
+inline void gemm_tile_any(int R, int V, const float* const* a, int64_t K, const float* b,
+                          int64_t ldb, float* const* out, const float* add) {
   switch (R) {
 #if defined(__AVX512F__)
-    case 4: gemm_tile<4, V>(a, K, b, ldb, out); break;
+    case 8: gemm_tile_vectors<8, kAccumulate>(V, a, K, b, ldb, out, add); break;
+    case 7: gemm_tile_vectors<7, kAccumulate>(V, a, K, b, ldb, out, add); break;
+    case 6: gemm_tile_vectors<6, kAccumulate>(V, a, K, b, ldb, out, add); break;
+    case 5: gemm_tile_vectors<5, kAccumulate>(V, a, K, b, ldb, out, add); break;
+    case 4: gemm_tile_vectors<4, kAccumulate>(V, a, K, b, ldb, out, add); break;
 #endif
-    case 3: gemm_tile<3, V>(a, K, b, ldb, out); break;
-    case 2: gemm_tile<2, V>(a, K, b, ldb, out); break;
-    default: gemm_tile<1, V>(a, K, b, ldb, out); break;
+    case 3: gemm_tile_vectors<3, kAccumulate>(V, a, K, b, ldb, out, add); break;
+    case 2: gemm_tile_vectors<2, kAccumulate>(V, a, K, b, ldb, out, add); break;
+    default: gemm_tile_vectors<1, kAccumulate>(V, a, K, b, ldb, out, add); break;
   }
 }
 
-inline void gemm_tile_any(int R, int V, const float* const* a, int64_t K, const float* b,
-                          int64_t ldb, float* out) {
-  switch (V) {
-    case 4: gemm_tile_rows<4>(R, a, K, b, ldb, out); break;
-    case 3: gemm_tile_rows<3>(R, a, K, b, ldb, out); break;
-    case 2: gemm_tile_rows<2>(R, a, K, b, ldb, out); break;
-    default: gemm_tile_rows<1>(R, a, K, b, ldb, out); break;
+// The right-hand side of the per-step products is packed once per call into panels: the columns
+// [c0, c1) are cut into panels of `panel_vectors` vectors, and the panel starting at column c
+// is stored at packed + c*K as [K, its width] row-major. A tile then reads its K x W*V block
+// sequentially (one stream the prefetchers follow, no cache-set conflicts), where the plain
+// layout put consecutive k a whole weight row apart.
+
+// Width in vectors of the panel starting `left` vectors before the end of its column range:
+// V, except that one more than V splits as V-1 and 2 (never a panel of one, which would pay a
+// pass over K for one vector of FMAs per row).
+inline int panel_vectors(int64_t left, int V) {
+  return static_cast<int>(left <= V ? left : left == V + 1 ? V - 1 : V);
+}
+
+// Packs columns [c0, c1) of the K x C matrix whose element (k, c) is src[k*sk + c*sc].
+// Panels with index % stride == first only, so that threads can share the packing.
+void pack_panels(const float* src, int64_t sk, int64_t sc, int64_t K, int64_t c0, int64_t c1,
+                 int V, float* packed, int first = 0, int stride = 1) {
+  int index = 0;
+  for (int64_t c = c0; c < c1; ++index) {
+    const int64_t width = Vec::W * panel_vectors((c1 - c) / Vec::W, V);
+    if (index % stride == first) {
+      float* dst = packed + c * K;
+      if (sc == 1) {  // rows of src are rows of the panel
+        for (int64_t k = 0; k < K; ++k)
+          std::memcpy(dst + k * width, src + k * sk + c, width * sizeof(float));
+      } else {  // columns of src are rows of the panel: read along them
+        for (int64_t j = 0; j < width; ++j)
+          for (int64_t k = 0; k < K; ++k) dst[k * width + j] = src[k * sk + (c + j) * sc];
+      }
+    }
+    c += width;
   }
 }
 
-// Thread `tid` of `nt` owns unit tiles [u0, u1).
-inline void tile_range(int64_t tiles, int tid, int nt, int64_t& u0, int64_t& u1) {
-  u0 = tiles * tid / nt;
-  u1 = tiles * (tid + 1) / nt;
+// out[i][c0:c1] (+)= sum_k a[i][k] * B[k, c0:c1] for the `rows` rows given as pointers, B packed
+// by pack_panels with the same V.  a: [rows] pointers to [K]  out: [rows] pointers to rows of
+// at least c1 floats.  add: null, or a row added to every output row (with kAccumulate).  Panels outside, row blocks inside: each panel comes from L2 once and is
+// reused from L1 by every row block.
+template <bool kAccumulate>
+void small_gemm(const float* const* a, float* const* out, int64_t rows, int64_t K,
+                const float* packed, int64_t c0, int64_t c1, int V, const float* add = nullptr) {
+  float* out_block[kMaxTileRows];
+  for (int64_t c = c0; c < c1;) {
+    const int v = panel_vectors((c1 - c) / Vec::W, V);
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxTileRows) {
+      const int R = static_cast<int>(std::min<int64_t>(kMaxTileRows, rows - r0));
+      for (int r = 0; r < R; ++r) out_block[r] = out[r0 + r] + c;
+      gemm_tile_any<kAccumulate>(R, v, a + r0, K, packed + c * K, Vec::W * v, out_block,
+                                 add ? add + c : nullptr);
+    }
+    c += Vec::W * v;
+  }
+}
+
+// Scratch memory kept across calls on the calling thread (slot: one per concurrent use). The
+// packed weights are rewritten by every call, but fresh pages would be faulted in each time,
+// which costs as much as the packing itself for a small LSTM. Requests above 16 MiB are not
+// kept: they are allocated into `holder` for this call only. 64-byte aligned.
+float* scratch_floats(int slot, int64_t n, Tensor& holder) {
+  constexpr int64_t kKeepMax = int64_t(1) << 22;
+  constexpr int64_t kAlign = 16;  // floats
+  if (n > kKeepMax) {
+    holder = at::empty({n}, at::kFloat);
+    return holder.data_ptr<float>();
+  }
+  thread_local std::vector<float> kept[4];
+  std::vector<float>& buffer = kept[slot];
+  if (static_cast<int64_t>(buffer.size()) < n + kAlign) buffer.resize(n + kAlign);
+  const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+  const auto aligned = (address + kAlign * sizeof(float) - 1) & ~(kAlign * sizeof(float) - 1);
+  return reinterpret_cast<float*>(aligned);
 }
 
 // How the threads of the fused path share the work. With enough rows, each thread takes whole
 // rows (sequences) and all units: rows never interact, so the time loop needs no barrier and no
-// hidden state crosses cores. With few rows (generation, batch 1), threads split the unit tiles
-// instead and meet at one barrier per step.
+// hidden state crosses cores. With few rows (generation, batch 1), threads split the hidden
+// units instead and meet at one barrier per step.
+constexpr int64_t kMinRowsPerThread = 4;
+
 struct Split {
   int threads;
   bool by_rows;
 };
 
-inline Split fused_split(int64_t N, int64_t tiles) {
+inline Split fused_split(int64_t N, int64_t units) {
   const int64_t available = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t row_blocks = (N + kTileRows - 1) / kTileRows;
-  if (row_blocks >= 2 && available > 1)
-    return {static_cast<int>(std::min(available, row_blocks)), true};
-  return {static_cast<int>(std::max<int64_t>(1, std::min(available, tiles))), false};
+  const int64_t by_rows = std::min(available, N / kMinRowsPerThread);
+  if (by_rows >= 2) return {static_cast<int>(by_rows), true};
+  return {static_cast<int>(std::max<int64_t>(1, std::min(available, units))), false};
 }
 
-// This thread's unit tiles [u0, u1) and rows [n0, n1) under `split`.
+// A thread's hidden units [u0, u1) (in vectors of kUnits) and rows [n0, n1) under a split, and
+// the tile width V every thread packs and reads with (from the most rows any thread has, so
+// that its tiles fit the registers of every thread's row blocks).
 struct Share {
   int64_t u0, u1, n0, n1;
+  int V;
 };
 
-inline Share thread_share(const Split& split, int64_t N, int64_t tiles, int tid, int nt) {
-  if (split.by_rows) {
-    const int64_t blocks = (N + kTileRows - 1) / kTileRows;
-    return {0, tiles, std::min(N, blocks * tid / nt * kTileRows),
-            std::min(N, blocks * (tid + 1) / nt * kTileRows)};
-  }
-  int64_t u0, u1;
-  tile_range(tiles, tid, nt, u0, u1);
-  return {u0, u1, 0, N};
+inline Share thread_share(const Split& split, int64_t N, int64_t units, int tid, int nt) {
+  const int64_t most_rows = split.by_rows ? (N + nt - 1) / nt : N;
+  const int V = tile_vectors(static_cast<int>(std::min<int64_t>(kMaxTileRows, most_rows)));
+  if (split.by_rows) return {0, units, N * tid / nt, N * (tid + 1) / nt, V};
+  return {units * tid / nt, units * (tid + 1) / nt, 0, N, V};
 }
 
-// w_hh: [4H,H]  gates: [T,N,4H] input projections in, activated gates out  output: [T,N,H]
-// cells: [T,N,H]  h0: [N,H]  h_state: [N,H] final h out  c_state: [N,H] c0 in, final c out.
-void fused_forward_f32(const float* w_hh, float* gates, float* output, float* cells,
+// The column ranges a thread computes of a [.., 4H] gate row: [u0*W, u1*W) of each gate block,
+// or all of [0, 4H) in one range when it owns every unit.
+inline int gate_ranges(const Share& my, int64_t H, int64_t (&ranges)[4][2]) {
+  const int64_t W = kUnits;
+  if (my.u0 == 0 && my.u1 * W == H) {
+    ranges[0][0] = 0;
+    ranges[0][1] = 4 * H;
+    return 1;
+  }
+  for (int q = 0; q < 4; ++q) {
+    ranges[q][0] = q * H + my.u0 * W;
+    ranges[q][1] = q * H + my.u1 * W;
+  }
+  return 4;
+}
+
+// w_hh: [4H,H]  bias: [4H] (b_ih + b_hh) or null  gates: [T,N,4H] input projections (without
+// the bias) in, activated gates out  output: [T,N,H]  cells: [T,N,H]  h0: [N,H]
+// h_state: [N,H] final h out  c_state: [N,H] c0 in, final c out.
+void fused_forward_f32(const float* w_hh, const float* bias, float* gates, float* output,
+                       float* cells,
                        const float* h0, float* h_state, float* c_state,
                        const std::vector<int64_t>& rows, int64_t T, int64_t N, int64_t H,
                        bool reverse) {
-  constexpr int W = kUnits;
-  const int64_t G = 4 * H, tiles = H / W;
-  // w_hh^T packed so the 4 gates of a tile are 4W adjacent columns: wp[k, u*4W + q*W + l]
-  // = w_hh[q*H + u*W + l, k]. The threads pack a share of the tiles each.
-  Tensor wp_buffer = at::empty({H * G}, at::kFloat);  // every element is written below
-  float* wp = wp_buffer.data_ptr<float>();
-  const Split split = fused_split(N, tiles);
+  constexpr int64_t W = kUnits;
+  const int64_t G = 4 * H, units = H / W;
+  // B = w_hh^T [H, 4H] packed: element (k, c) = w_hh[c*H + k].
+  Tensor holder;
+  float* packed = scratch_floats(0, H * G, holder);  // every panel read is written below
+  const Split split = fused_split(N, units);
 #pragma omp parallel num_threads(split.threads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    int64_t p0, p1;
-    tile_range(tiles, tid, nt, p0, p1);
-    for (int64_t u = p0; u < p1; ++u)
-      for (int64_t q = 0; q < 4; ++q) {
-        const float* src = w_hh + (q * H + u * W) * H;  // W rows of H
-        float* dst = wp + u * 4 * W + q * W;
-        for (int64_t k = 0; k < H; ++k)
-          for (int l = 0; l < W; ++l) dst[k * G + l] = src[l * H + k];
-      }
+    const Share my = thread_share(split, N, units, tid, nt);
+    int64_t ranges[4][2];
+    const int n_ranges = gate_ranges(my, H, ranges);
+    if (split.by_rows) {  // every thread reads every panel: pack them together
+      pack_panels(w_hh, 1, H, H, 0, G, my.V, packed, tid, nt);
 #pragma omp barrier
-    const Share my = thread_share(split, N, tiles, tid, nt);
-    alignas(64) float tmp[kTileRows * 4 * W];
+    } else {  // each thread reads only its own columns' panels
+      for (int i = 0; i < n_ranges; ++i)
+        pack_panels(w_hh, 1, H, H, ranges[i][0], ranges[i][1], my.V, packed);
+    }
+    const int64_t u0 = my.u0 * W, count = (my.u1 - my.u0) * W;
+    std::vector<const float*> h_prev(my.n1 - my.n0);
+    std::vector<float*> g_rows(my.n1 - my.n0);
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
-      const int64_t n_end = std::min(my.n1, rows[t]);
-      for (int64_t u = my.u0; u < my.u1; ++u) {
-        for (int64_t r0 = my.n0; r0 < n_end; r0 += kTileRows) {
-          const int R = static_cast<int>(std::min<int64_t>(kTileRows, n_end - r0));
-          const float* a[kTileRows];
-          for (int r = 0; r < R; ++r)
-            a[r] = prev_row(output, h0, rows, t, r0 + r, T, N, H, reverse);
-          gemm_tile_any(R, 4, a, H, wp + u * 4 * W, G, tmp);
-          for (int r = 0; r < R; ++r) {
-            const int64_t row = t * N + r0 + r;
-            float* g = gates + row * G + u * W;
-            for (int q = 0; q < 4; ++q)
-              Vec::store(g + q * H, Vec::add(Vec::load(g + q * H), Vec::load(tmp + (r * 4 + q) * W)));
-            float* h = output + row * H + u * W;
-            forward_units<float>(g, c_state + (r0 + r) * H + u * W, cells + row * H + u * W, h, H, W);
-            Vec::store(h_state + (r0 + r) * H + u * W, Vec::load(h));
-          }
-        }
+      const int64_t n_end = std::min(my.n1, rows[t]), active = std::max<int64_t>(0, n_end - my.n0);
+      for (int64_t i = 0; i < active; ++i) {
+        h_prev[i] = prev_row(output, h0, rows, t, my.n0 + i, T, N, H, reverse);
+        g_rows[i] = gates + (t * N + my.n0 + i) * G;
+      }
+      for (int i = 0; i < n_ranges; ++i)
+        small_gemm<true>(h_prev.data(), g_rows.data(), active, H, packed, ranges[i][0],
+                         ranges[i][1], my.V, bias);
+      for (int64_t n = my.n0; n < n_end; ++n) {
+        const int64_t row = t * N + n;
+        float* h = output + row * H + u0;
+        forward_units<float>(gates + row * G + u0, c_state + n * H + u0, cells + row * H + u0, h, H,
+                             count);
+        std::memcpy(h_state + n * H + u0, h, count * sizeof(float));
       }
       if (!split.by_rows) {
 #pragma omp barrier
@@ -314,33 +424,43 @@ void fused_forward_f32(const float* w_hh, float* gates, float* output, float* ce
 // w_hh: [4H,H]  gates: [T,N,4H] activated  cells: [T,N,H]  c0: [N,H]
 // grad_output: [T,N,H] or nullptr  dgates: [T,N,4H] out
 // dh_state: [N,H] grad_h_n in, grad_h0 out  dc_state: [N,H] grad_c_n in, grad_c0 out.
-void fused_backward_f32(const float* w_hh, const float* gates, const float* cells, const float* c0,
-                        const float* grad_output, float* dgates, float* dh_state, float* dc_state,
-                        const std::vector<int64_t>& rows, int64_t T, int64_t N, int64_t H,
-                        bool reverse) {
-  constexpr int W = kUnits;
-  const int64_t G = 4 * H, tiles = H / W;
-  const Split split = fused_split(N, tiles);
+// Returns the bias gradient [4H] (the sum of dgates over steps and rows, taken while they are
+// in cache) when `bias_grad` is set, else an undefined tensor.
+Tensor fused_backward_f32(const float* w_hh, const float* gates, const float* cells,
+                          const float* c0, const float* grad_output, float* dgates,
+                          float* dh_state, float* dc_state, const std::vector<int64_t>& rows,
+                          int64_t T, int64_t N, int64_t H, bool reverse, bool bias_grad) {
+  constexpr int64_t W = kUnits;
+  const int64_t G = 4 * H, units = H / W;
+  // B = w_hh [4H, H] packed: element (k, c) = w_hh[k*H + c].
+  Tensor holder, dm_holder;
+  float* packed = scratch_floats(1, G * H, holder);  // every panel read is written below
+  float* dm_all = scratch_floats(2, N * H, dm_holder);
+  const Split split = fused_split(N, units);
+  // One partial bias gradient per thread (its rows, or its columns), summed at the end.
+  Tensor bias_partials = bias_grad ? at::zeros({split.threads, G}, at::kFloat) : Tensor();
 #pragma omp parallel num_threads(split.threads)
   {
-    const Share my = thread_share(split, N, tiles, omp_get_thread_num(), omp_get_num_threads());
-    alignas(64) float tmp[kTileRows * 4 * W];
-    alignas(64) float dm[W];
-    // dh_state[my rows active at t, my tiles] = dgates[t][those rows] @ w_hh[:, my tiles]
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    const Share my = thread_share(split, N, units, tid, nt);
+    const int64_t u0 = my.u0 * W, count = (my.u1 - my.u0) * W;
+    if (split.by_rows) {
+      pack_panels(w_hh, H, 1, G, 0, H, my.V, packed, tid, nt);
+#pragma omp barrier
+    } else {
+      pack_panels(w_hh, H, 1, G, u0, u0 + count, my.V, packed);
+    }
+    std::vector<const float*> dg_rows(my.n1 - my.n0);
+    std::vector<float*> dh_rows(my.n1 - my.n0);
+    float* db = bias_grad ? bias_partials.data_ptr<float>() + tid * G : nullptr;
+    // dh_state[my rows active at t, my units] = dgates[t][those rows] @ w_hh[:, my units]
     auto recurrent_grad = [&](int64_t t) {
-      const int64_t n_end = std::min(my.n1, rows[t]);
-      for (int64_t u = my.u0; u < my.u1; u += 4) {
-        const int V = static_cast<int>(std::min<int64_t>(4, my.u1 - u));
-        for (int64_t r0 = my.n0; r0 < n_end; r0 += kTileRows) {
-          const int R = static_cast<int>(std::min<int64_t>(kTileRows, n_end - r0));
-          const float* a[kTileRows];
-          for (int r = 0; r < R; ++r) a[r] = dgates + (t * N + r0 + r) * G;
-          gemm_tile_any(R, V, a, G, w_hh + u * W, H, tmp);
-          for (int r = 0; r < R; ++r)
-            for (int v = 0; v < V; ++v)
-              Vec::store(dh_state + (r0 + r) * H + (u + v) * W, Vec::load(tmp + (r * V + v) * W));
-        }
+      const int64_t active = std::max<int64_t>(0, std::min(my.n1, rows[t]) - my.n0);
+      for (int64_t i = 0; i < active; ++i) {
+        dg_rows[i] = dgates + (t * N + my.n0 + i) * G;
+        dh_rows[i] = dh_state + (my.n0 + i) * H;
       }
+      small_gemm<false>(dg_rows.data(), dh_rows.data(), active, G, packed, u0, u0 + count, my.V);
     };
     int64_t t_done = -1;
     for (int64_t s = 0; s < T; ++s) {
@@ -349,13 +469,25 @@ void fused_backward_f32(const float* w_hh, const float* gates, const float* cell
       const int64_t n_end = std::min(my.n1, rows[t]);
       for (int64_t n = my.n0; n < n_end; ++n) {
         const int64_t row = t * N + n;
+        // dm = dh + grad_output: the gradient reaching o * tanh(c) of this step
+        float* dm = dm_all + n * H + u0;
+        const float* dh = dh_state + n * H + u0;
+        const float* d_out = grad_output ? grad_output + row * H + u0 : nullptr;
+        for (int64_t j = 0; j < count; j += W) {
+          typename Vec::T d = Vec::load(dh + j);
+          if (d_out) d = Vec::add(d, Vec::load(d_out + j));
+          Vec::store(dm + j, d);
+        }
         const float* cprev = prev_row(cells, c0, rows, t, n, T, N, H, reverse);
-        for (int64_t u = my.u0; u < my.u1; ++u) {
-          typename Vec::T d = Vec::load(dh_state + n * H + u * W);
-          if (grad_output) d = Vec::add(d, Vec::load(grad_output + row * H + u * W));
-          Vec::store(dm, d);
-          backward_units<float>(gates + row * G + u * W, cells + row * H + u * W, cprev + u * W,
-                                dm, dc_state + n * H + u * W, dgates + row * G + u * W, H, W);
+        float* dg = dgates + row * G + u0;
+        backward_units<float>(gates + row * G + u0, cells + row * H + u0, cprev + u0, dm,
+                              dc_state + n * H + u0, dg, H, count);
+        if (db) {
+          for (int64_t q = 0; q < 4; ++q)
+            for (int64_t j = 0; j < count; j += W) {
+              float* d = db + u0 + q * H + j;
+              Vec::store(d, Vec::add(Vec::load(d), Vec::load(dg + q * H + j)));
+            }
         }
       }
       t_done = t;
@@ -365,6 +497,7 @@ void fused_backward_f32(const float* w_hh, const float* gates, const float* cell
     }
     recurrent_grad(t_done);
   }
+  return bias_grad ? bias_partials.sum(0) : Tensor();
 }
 
 #endif  // PYENGINE_HAS_AVX2
@@ -387,55 +520,42 @@ bool use_fused_path(const Tensor& input, bool has_proj, int64_t T, int64_t N, in
 
 // ---- forward ------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
-    const Tensor& input_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_ih_,
-    const Tensor& w_hh_, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-    const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& batch_sizes, bool reverse) {
-  at::NoGradGuard no_grad;  // the kernel is the derivative; autograd is handled above it
-  const Dims d = check_layer_args(input_, h0_, c0_, w_ih_, w_hh_, w_hr_, batch_sizes);
-  const auto rows = active_rows(batch_sizes, d.T, d.N);
-  const bool packed = batch_sizes.has_value();
-  const auto opts = input_.options();
-
-  Tensor input = input_.contiguous();
-
-  // Input projection of every step: gates = x @ w_ih^T + (b_ih + b_hh), one GEMM.
-  Tensor gates = at::empty({d.T, d.N, 4 * d.H}, opts);
-  Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
-  Tensor x2d = input.view({d.T * d.N, d.I});
-  if (b_ih.has_value() || b_hh.has_value()) {
-    Tensor bias = b_ih.has_value() ? *b_ih : at::zeros({4 * d.H}, opts);
-    if (b_hh.has_value()) bias = bias + *b_hh;
-    TORCH_CHECK(bias.numel() == 4 * d.H, "lstm: biases must have ", 4 * d.H, " elements");
-    at::addmm_out(gates2d, bias, x2d, w_ih_.t());
-  } else {
-    at::mm_out(gates2d, x2d, w_ih_.t());
-  }
-
+// The recurrence of one layer-direction, shared by the layer op and the embedding-fed op.
+// gates: [T,N,4H] input projections in, activated gates out; the bias is already in them, or
+// is `tile_bias` ([4H]), which only the fused path takes (added in its first step tile).
+// Returns output [T,N,P], h_n [N,P], c_n [N,H], cells [T,N,H].
+std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
+    Tensor& gates, const Tensor& tile_bias, const Tensor& h0_, const Tensor& c0_,
+    const Tensor& w_hh_, const std::optional<Tensor>& w_hr_, const std::vector<int64_t>& rows,
+    const Dims& d, bool packed, bool fused, bool reverse) {
+  const auto opts = gates.options();
   Tensor output = packed ? at::zeros({d.T, d.N, d.P}, opts) : at::empty({d.T, d.N, d.P}, opts);
   Tensor cells = packed ? at::zeros({d.T, d.N, d.H}, opts) : at::empty({d.T, d.N, d.H}, opts);
   Tensor h = h0_.contiguous().clone();
   Tensor c = c0_.contiguous().clone();
-  Tensor m = w_hr_.has_value() ? at::empty({d.N, d.H}, opts) : Tensor();
   const int64_t H = d.H;
 
 #if PYENGINE_HAS_AVX2
-  if (use_fused_path(input, w_hr_.has_value(), d.T, d.N, d.H)) {
+  if (fused) {
     Tensor w_hh = w_hh_.contiguous();
     Tensor h0 = h0_.contiguous();
-    fused_forward_f32(w_hh.data_ptr<float>(), gates.data_ptr<float>(), output.data_ptr<float>(),
-                      cells.data_ptr<float>(), h0.data_ptr<float>(), h.data_ptr<float>(),
-                      c.data_ptr<float>(), rows, d.T, d.N, d.H, reverse);
-    return {output, h, c, gates, cells};
+    fused_forward_f32(w_hh.data_ptr<float>(),
+                      tile_bias.defined() ? tile_bias.data_ptr<float>() : nullptr,
+                      gates.data_ptr<float>(), output.data_ptr<float>(), cells.data_ptr<float>(),
+                      h0.data_ptr<float>(), h.data_ptr<float>(), c.data_ptr<float>(), rows, d.T,
+                      d.N, d.H, reverse);
+    return {output, h, c, cells};
   }
 #endif
+  TORCH_CHECK(!tile_bias.defined(), "lstm: internal error, bias left for a path without tiles");
 
+  Tensor m = w_hr_.has_value() ? at::empty({d.N, d.H}, opts) : Tensor();
   // [P,4H] row-major copy: MKL runs the per-step GEMM ~1.5x faster on it than on the transposed
   // view (measured at N=32, H=512), and the copy is paid once per sequence.
   const bool relayout = d.T >= kMinStepsToRelayout;
   Tensor w_hh_t = relayout ? w_hh_.t().contiguous() : w_hh_.t();
   Tensor w_hr_t = !w_hr_.has_value() ? Tensor() : relayout ? w_hr_->t().contiguous() : w_hr_->t();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_recurrence_forward", [&] {
     for (int64_t s = 0; s < d.T; ++s) {
       const int64_t t = reverse ? d.T - 1 - s : s;
       const int64_t B = rows[t];
@@ -456,61 +576,131 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
       h.narrow(0, 0, B).copy_(out_t);
     }
   });
+  return {output, h, c, cells};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& input_, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse) {
+  at::NoGradGuard no_grad;  // the kernel is the derivative; autograd is handled above it
+  const Dims d = check_layer_args(input_, h0, c0, w_ih, w_hh, w_hr, batch_sizes);
+  const auto rows = active_rows(batch_sizes, d.T, d.N);
+  const auto opts = input_.options();
+  Tensor input = input_.contiguous();
+
+  Tensor bias;
+  if (b_ih.has_value() || b_hh.has_value()) {
+    bias = b_ih.has_value() ? *b_ih : at::zeros({4 * d.H}, opts);
+    if (b_hh.has_value()) bias = bias + *b_hh;
+    TORCH_CHECK(bias.numel() == 4 * d.H, "lstm: biases must have ", 4 * d.H, " elements");
+    bias = bias.contiguous();
+  }
+  const bool fused = use_fused_path(input, w_hr.has_value(), d.T, d.N, d.H);
+
+  // Input projection of every step: gates = x @ w_ih^T + (b_ih + b_hh), one GEMM. The fused
+  // path adds the bias in its first step tile instead (saving a pass over gates).
+  Tensor gates = at::empty({d.T, d.N, 4 * d.H}, opts);
+  Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
+  Tensor x2d = input.view({d.T * d.N, d.I});
+  if (bias.defined() && !fused) {
+    at::addmm_out(gates2d, bias, x2d, w_ih.t());
+  } else {
+    at::mm_out(gates2d, x2d, w_ih.t());
+  }
+  auto [output, h, c, cells] = recurrence_forward(gates, fused ? bias : Tensor(), h0, c0, w_hh, w_hr,
+                                                  rows, d, batch_sizes.has_value(), fused, reverse);
+  return {output, h, c, gates, cells};
+}
+
+// tokens: [T,N] int64  table: [V,4H] (embedding @ w_ih^T + biases)  h0, c0: [N,H]  w_hh: [4H,H]
+Dims check_embedding_layer_args(const Tensor& tokens, const Tensor& table, const Tensor& h0,
+                                const Tensor& c0, const Tensor& w_hh) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong,
+              "embedding_lstm: tokens must be an int64 [T,N] tensor, got ", tokens.scalar_type(),
+              " of shape ", tokens.sizes());
+  TORCH_CHECK(table.dim() == 2 && table.size(1) % 4 == 0 && table.size(1) > 0,
+              "embedding_lstm: table must be [V,4H], got ", table.sizes());
+  Dims d{tokens.size(0), tokens.size(1), table.size(1), table.size(1) / 4, table.size(1) / 4};
+  TORCH_CHECK(d.T >= 1, "embedding_lstm: the sequence must have at least one step");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * d.H && w_hh.size(1) == d.H,
+              "embedding_lstm: w_hh must be [", 4 * d.H, ",", d.H, "], got ", w_hh.sizes());
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == d.N && h0.size(1) == d.H, "embedding_lstm: h0 must be [",
+              d.N, ",", d.H, "], got ", h0.sizes());
+  TORCH_CHECK(c0.dim() == 2 && c0.size(0) == d.N && c0.size(1) == d.H, "embedding_lstm: c0 must be [",
+              d.N, ",", d.H, "], got ", c0.sizes());
+  for (const Tensor* t : {&h0, &c0, &w_hh}) {
+    TORCH_CHECK(t->scalar_type() == table.scalar_type(), "embedding_lstm: all tensors must have dtype ",
+                table.scalar_type(), ", got ", t->scalar_type());
+  }
+  if (tokens.numel() > 0 && table.size(0) > 0) {
+    const int64_t lo = tokens.min().item<int64_t>(), hi = tokens.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < table.size(0), "embedding_lstm: tokens must be in [0, ",
+                table.size(0), "), got values in [", lo, ", ", hi, "]");
+  }
+  TORCH_CHECK(table.size(0) > 0, "embedding_lstm: table must have at least one row");
+  return d;
+}
+
+// One layer-direction fed straight from an embedding: the input projection of token v is row v
+// of `table` (computed once per vocabulary entry by the caller), so the step's gates start as a
+// gather instead of a GEMM over every token.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> embedding_lstm_layer_forward(
+    const Tensor& tokens, const Tensor& table, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_hh, bool reverse) {
+  at::NoGradGuard no_grad;
+  const Dims d = check_embedding_layer_args(tokens, table, h0, c0, w_hh);
+  const std::vector<int64_t> rows(d.T, d.N);
+  Tensor gates = at::index_select(table, 0, tokens.reshape({-1})).view({d.T, d.N, 4 * d.H});
+  const bool fused = use_fused_path(table, false, d.T, d.N, d.H);
+  auto [output, h, c, cells] = recurrence_forward(gates, Tensor(), h0, c0, w_hh, std::nullopt,
+                                                  rows, d, false, fused, reverse);
   return {output, h, c, gates, cells};
 }
 
 // ---- backward -----------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
-    const Tensor& grad_output_, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& input_, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
-    const Tensor& output_, const Tensor& gates_, const Tensor& cells_, bool reverse, bool has_bias,
-    bool compute_input_grad) {
-  at::NoGradGuard no_grad;
-  const Dims d = check_layer_args(input_, h0, c0, w_ih, w_hh, w_hr, batch_sizes);
-  const auto rows = active_rows(batch_sizes, d.T, d.N);
-  const auto opts = input_.options();
-  TORCH_CHECK(output_.sizes() == at::IntArrayRef({d.T, d.N, d.P}), "lstm backward: output shape");
-  TORCH_CHECK(gates_.sizes() == at::IntArrayRef({d.T, d.N, 4 * d.H}), "lstm backward: gates shape");
-  TORCH_CHECK(cells_.sizes() == at::IntArrayRef({d.T, d.N, d.H}), "lstm backward: cells shape");
-  TORCH_CHECK(!grad_output_.defined() || grad_output_.numel() == 0 ||
-                  grad_output_.sizes() == output_.sizes(),
-              "lstm backward: grad_output must be [T,N,P]");
-  TORCH_CHECK(!grad_h_n.defined() || grad_h_n.numel() == 0 || grad_h_n.sizes() == h0.sizes(),
-              "lstm backward: grad_h_n must be [N,P]");
-  TORCH_CHECK(!grad_c_n.defined() || grad_c_n.numel() == 0 || grad_c_n.sizes() == c0.sizes(),
-              "lstm backward: grad_c_n must be [N,H]");
-
-  Tensor gates = gates_.contiguous(), cells = cells_.contiguous(), output = output_.contiguous();
+// The reverse sweep shared by both ops: dgates [T,N,4H], grad_h0 [N,P], grad_c0 [N,H], the bias
+// gradient when `bias_grad` and the fused path summed it (else undefined), and with projection
+// dh of every step [T,N,P] (for grad_w_hr).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+    const Tensor& grad_output_, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& c0,
+    const Tensor& w_hh, const std::optional<Tensor>& w_hr, const std::vector<int64_t>& rows,
+    const Tensor& gates, const Tensor& cells, const Dims& d, bool packed, bool fused,
+    bool reverse, bool bias_grad) {
+  const auto opts = gates.options();
   const bool have_grad_out = grad_output_.defined() && grad_output_.numel() > 0;
   Tensor grad_output = have_grad_out ? grad_output_.contiguous() : Tensor();
   Tensor dh = (grad_h_n.defined() && grad_h_n.numel() > 0) ? grad_h_n.contiguous().clone()
                                                            : at::zeros({d.N, d.P}, opts);
   Tensor dc = (grad_c_n.defined() && grad_c_n.numel() > 0) ? grad_c_n.contiguous().clone()
                                                            : at::zeros({d.N, d.H}, opts);
-  Tensor dgates = batch_sizes.has_value() ? at::zeros({d.T, d.N, 4 * d.H}, opts)
-                                          : at::empty({d.T, d.N, 4 * d.H}, opts);
+  const int64_t H = d.H;
+  Tensor c0_c = c0.contiguous();
+#if PYENGINE_HAS_AVX2
+  if (fused) {
+    // dgates only lives until the caller's gradient GEMMs: scratch memory kept across calls,
+    // rather than megabytes of fresh pages faulted in on every backward.
+    Tensor dgates_holder;
+    Tensor dgates = at::from_blob(scratch_floats(3, d.T * d.N * 4 * d.H, dgates_holder),
+                                  {d.T, d.N, 4 * d.H}, opts);
+    if (dgates_holder.defined()) dgates = dgates_holder.view({d.T, d.N, 4 * d.H});
+    if (packed) dgates.zero_();
+    Tensor w_hh_c = w_hh.contiguous();
+    Tensor grad_bias = fused_backward_f32(
+        w_hh_c.data_ptr<float>(), gates.data_ptr<float>(), cells.data_ptr<float>(),
+        c0_c.data_ptr<float>(), have_grad_out ? grad_output.data_ptr<float>() : nullptr,
+        dgates.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>(), rows, d.T, d.N, d.H,
+        reverse, bias_grad);
+    return {dgates, dh, dc, grad_bias, Tensor()};
+  }
+#endif
+  Tensor dgates = packed ? at::zeros({d.T, d.N, 4 * d.H}, opts)
+                         : at::empty({d.T, d.N, 4 * d.H}, opts);
   // With projection: dm = dh @ w_hr per step, and dh of every step is kept for grad_w_hr.
   Tensor dm = w_hr.has_value() ? at::empty({d.N, d.H}, opts) : Tensor();
   Tensor dh_all = w_hr.has_value() ? at::zeros({d.T, d.N, d.P}, opts) : Tensor();
-  const int64_t H = d.H;
-  bool fused = false;
-#if PYENGINE_HAS_AVX2
-  if (use_fused_path(input_, w_hr.has_value(), d.T, d.N, d.H)) {
-    Tensor w_hh_c = w_hh.contiguous(), c0_c = c0.contiguous();
-    fused_backward_f32(w_hh_c.data_ptr<float>(), gates.data_ptr<float>(), cells.data_ptr<float>(),
-                       c0_c.data_ptr<float>(),
-                       have_grad_out ? grad_output.data_ptr<float>() : nullptr,
-                       dgates.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>(), rows,
-                       d.T, d.N, d.H, reverse);
-    fused = true;
-  }
-#endif
-  if (!fused) {
-  Tensor c0_c = c0.contiguous();
-
-  AT_DISPATCH_FLOATING_TYPES(input_.scalar_type(), "lstm_layer_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_recurrence_backward", [&] {
     for (int64_t s = 0; s < d.T; ++s) {
       const int64_t t = reverse ? s : d.T - 1 - s;
       const int64_t B = rows[t];
@@ -533,13 +723,69 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
         for (int64_t n = begin; n < end; ++n)
           backward_units<scalar_t>(act + n * 4 * H, cell + n * H,
                                    prev_row(cells_p, c0_p, rows, t, n, d.T, d.N, H, reverse),
-                                   dmp + n * H,
-                                   dcp + n * H, dg + n * 4 * H, H, H);
+                                   dmp + n * H, dcp + n * H, dg + n * 4 * H, H, H);
       });
       at::mm_out(dh_t, dgates[t].narrow(0, 0, B), w_hh);
     }
   });
+  return {dgates, dh, dc, Tensor(), dh_all};
+}
+
+// grad_w_hh = sum over steps of dgates[t]^T @ h_prev[t].  dgates: [T,N,4H]  output: [T,N,P]
+Tensor recurrent_weight_grad(const Tensor& dgates, const Tensor& output, const Tensor& h0,
+                             const std::vector<int64_t>& rows, const Dims& d, bool packed,
+                             bool reverse) {
+  Tensor dg2d = dgates.view({d.T * d.N, 4 * d.H});
+  if (packed) {
+    Tensor h_prev = previous_states(output, h0.contiguous(), rows, reverse);
+    return at::mm(dg2d.t(), h_prev.view({d.T * d.N, d.P}));
   }
+  // Every row is active at every step: h_prev is the output shifted by one step, with h0 at
+  // the first step processed. Two GEMMs on views, no copy.
+  const int64_t first = reverse ? d.T - 1 : 0;
+  Tensor grad_w_hh = at::mm(dgates[first].t(), h0);
+  if (d.T > 1) {
+    Tensor out2d = output.view({d.T * d.N, d.P});
+    const int64_t M = (d.T - 1) * d.N;
+    Tensor dg_rest = reverse ? dg2d.narrow(0, 0, M) : dg2d.narrow(0, d.N, M);
+    Tensor h_rest = reverse ? out2d.narrow(0, d.N, M) : out2d.narrow(0, 0, M);
+    grad_w_hh.addmm_(dg_rest.t(), h_rest);
+  }
+  return grad_w_hh;
+}
+
+void check_saved(const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+                 const Tensor& h0, const Tensor& c0, const Tensor& output, const Tensor& gates,
+                 const Tensor& cells, const Dims& d) {
+  TORCH_CHECK(output.sizes() == at::IntArrayRef({d.T, d.N, d.P}), "lstm backward: output shape");
+  TORCH_CHECK(gates.sizes() == at::IntArrayRef({d.T, d.N, 4 * d.H}), "lstm backward: gates shape");
+  TORCH_CHECK(cells.sizes() == at::IntArrayRef({d.T, d.N, d.H}), "lstm backward: cells shape");
+  TORCH_CHECK(!grad_output.defined() || grad_output.numel() == 0 ||
+                  grad_output.sizes() == output.sizes(),
+              "lstm backward: grad_output must be [T,N,P]");
+  TORCH_CHECK(!grad_h_n.defined() || grad_h_n.numel() == 0 || grad_h_n.sizes() == h0.sizes(),
+              "lstm backward: grad_h_n must be [N,P]");
+  TORCH_CHECK(!grad_c_n.defined() || grad_c_n.numel() == 0 || grad_c_n.sizes() == c0.sizes(),
+              "lstm backward: grad_c_n must be [N,H]");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& input_, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
+    const Tensor& output_, const Tensor& gates_, const Tensor& cells_, bool reverse, bool has_bias,
+    bool compute_input_grad) {
+  at::NoGradGuard no_grad;
+  const Dims d = check_layer_args(input_, h0, c0, w_ih, w_hh, w_hr, batch_sizes);
+  check_saved(grad_output, grad_h_n, grad_c_n, h0, c0, output_, gates_, cells_, d);
+  const auto rows = active_rows(batch_sizes, d.T, d.N);
+  const auto opts = input_.options();
+  const bool packed = batch_sizes.has_value();
+  const bool fused = use_fused_path(input_, w_hr.has_value(), d.T, d.N, d.H);
+  Tensor gates = gates_.contiguous(), cells = cells_.contiguous(), output = output_.contiguous();
+  auto [dgates, dh, dc, fused_grad_bias, dh_all] =
+      recurrence_backward(grad_output, grad_h_n, grad_c_n, c0, w_hh, w_hr, rows, gates, cells, d,
+                          packed, fused, reverse, has_bias);
 
   // Everything that does not depend on the recurrence: one GEMM (or reduction) each.
   Tensor dg2d = dgates.view({d.T * d.N, 4 * d.H});
@@ -547,29 +793,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   Tensor grad_input = compute_input_grad ? at::mm(dg2d, w_ih).view({d.T, d.N, d.I})
                                          : at::empty({0}, opts);
   Tensor grad_w_ih = at::mm(dg2d.t(), input.view({d.T * d.N, d.I}));
-  Tensor grad_w_hh;
-  if (batch_sizes.has_value()) {
-    Tensor h_prev = previous_states(output, h0.contiguous(), rows, reverse);
-    grad_w_hh = at::mm(dg2d.t(), h_prev.view({d.T * d.N, d.P}));
-  } else {
-    // Every row is active at every step: h_prev is the output shifted by one step, with h0 at
-    // the first step processed. Two GEMMs on views, no copy.
-    const int64_t first = reverse ? d.T - 1 : 0;
-    grad_w_hh = at::mm(dgates[first].t(), h0);
-    if (d.T > 1) {
-      Tensor out2d = output.view({d.T * d.N, d.P});
-      const int64_t M = (d.T - 1) * d.N;
-      Tensor dg_rest = reverse ? dg2d.narrow(0, 0, M) : dg2d.narrow(0, d.N, M);
-      Tensor h_rest = reverse ? out2d.narrow(0, d.N, M) : out2d.narrow(0, 0, M);
-      grad_w_hh.addmm_(dg_rest.t(), h_rest);
-    }
-  }
-  Tensor grad_bias = has_bias ? dg2d.sum(0) : at::empty({0}, opts);
+  Tensor grad_w_hh = recurrent_weight_grad(dgates, output, h0, rows, d, packed, reverse);
+  Tensor grad_bias = !has_bias                  ? at::empty({0}, opts)
+                     : fused_grad_bias.defined() ? fused_grad_bias
+                                                 : dg2d.sum(0);
   Tensor grad_w_hr = at::empty({0}, opts);
   if (w_hr.has_value()) {
     // m = o * tanh(c), recomputed for the rows that were active (zero elsewhere).
     Tensor m_all = gates.narrow(2, 3 * d.H, d.H) * at::tanh(cells);
-    if (batch_sizes.has_value()) {
+    if (packed) {
       for (int64_t t = 0; t < d.T; ++t)
         if (rows[t] < d.N) m_all[t].narrow(0, rows[t], d.N - rows[t]).zero_();
     }
@@ -578,11 +810,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
+// Gradients of embedding_lstm_layer_forward: (grad_table [V,4H], grad_h0, grad_c0, grad_w_hh).
+// grad_table row v is the sum of dgates over the positions holding token v.
+std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_lstm_layer_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& tokens,
+    const Tensor& table, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const Tensor& output_, const Tensor& gates_, const Tensor& cells_, bool reverse) {
+  at::NoGradGuard no_grad;
+  const Dims d = check_embedding_layer_args(tokens, table, h0, c0, w_hh);
+  check_saved(grad_output, grad_h_n, grad_c_n, h0, c0, output_, gates_, cells_, d);
+  const std::vector<int64_t> rows(d.T, d.N);
+  const bool fused = use_fused_path(table, false, d.T, d.N, d.H);
+  Tensor gates = gates_.contiguous(), cells = cells_.contiguous(), output = output_.contiguous();
+  auto [dgates, dh, dc, unused_bias, unused_dh_all] =
+      recurrence_backward(grad_output, grad_h_n, grad_c_n, c0, w_hh, std::nullopt, rows, gates,
+                          cells, d, false, fused, reverse, false);
+  Tensor grad_table = at::zeros_like(table, at::MemoryFormat::Contiguous)
+                          .index_add_(0, tokens.reshape({-1}), dgates.view({d.T * d.N, 4 * d.H}));
+  Tensor grad_w_hh = recurrent_weight_grad(dgates, output, h0, rows, d, false, reverse);
+  return {grad_table, dh, dc, grad_w_hh};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward);
   m.impl("lstm_layer_backward", &lstm_layer_backward);
+  m.impl("embedding_lstm_layer_forward", &embedding_lstm_layer_forward);
+  m.impl("embedding_lstm_layer_backward", &embedding_lstm_layer_backward);
 }
 
 }  // namespace cpu

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from pyengine.ops._common import check_tensor
-from pyengine.ops.lstm import lstm, lstm_layer
+from pyengine.ops.lstm import embedding_lstm, lstm, lstm_layer
 
 
 class LSTM(nn.Module):
@@ -179,6 +179,45 @@ class LSTM(nn.Module):
             return output, (h_n, c_n)
         if not batched:
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+    def forward_embedding(self, tokens, embedding_weight, hx=None):
+        """self(F.embedding(tokens, embedding_weight), hx), computed faster where it can be.
+
+        tokens: int64 [N,T] with batch_first, else [T,N]; embedding_weight: [V, input_size].
+        When the vocabulary is smaller than the number of tokens (and the layers are plain
+        float ones without projection), the first layer's input projection is computed once
+        per vocabulary entry, as a [V,4H] table (embedding_weight @ w_ih^T + biases), and
+        gathered per token: forward and both of its gradients then cost V rows of GEMM instead
+        of T*N. The gradient reaching embedding_weight is the plain embedding's (no padding
+        row, norm or frequency scaling: use self(embedding(tokens)) for those).
+        """
+        check_tensor(tokens, "tokens", ndim=2, dtype=torch.int64, floating=False)
+        check_tensor(embedding_weight, "embedding_weight", ndim=2)
+        if embedding_weight.shape[1] != self.input_size:
+            raise ValueError(
+                f"embedding_weight must have input_size={self.input_size} columns, got "
+                f"shape {tuple(embedding_weight.shape)}"
+            )
+        use_table = (
+            self.proj_size == 0
+            and type(self)._layer_function is LSTM._layer_function  # float kernels
+            and embedding_weight.shape[0] < tokens.numel()
+            and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export()
+        )
+        if not use_table:
+            return self(nn.functional.embedding(tokens, embedding_weight), hx)
+        steps = tokens.t() if self.batch_first else tokens  # [T,N]
+        shape_of_x = embedding_weight.new_empty(steps.shape[0], steps.shape[1], 0)
+        h0, c0 = self._initial_state(hx, shape_of_x, True, None)
+        output, h_n, c_n = embedding_lstm(
+            steps, embedding_weight, h0, c0, self._layer_weights(),
+            num_layers=self.num_layers, bidirectional=self.bidirectional,
+            dropout=self.dropout, training=self.training,
+        )
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)

@@ -2,8 +2,10 @@
 
 `lstm_layer` runs one direction of one layer as a single native op (time loop in C++ on CPU,
 per-step fused Triton kernels on CUDA); `lstm` stacks layers and directions the way
-torch.nn.LSTM does. Supported dtypes: float32 and float64 on CPU; float32, bfloat16 and float16
-on CUDA.
+torch.nn.LSTM does. `embedding_lstm_layer` / `embedding_lstm` are the same for a stack fed
+straight from an embedding, with the first layer's input projection read from a per-vocabulary
+table instead of computed per token. Supported dtypes: float32 and float64 on CPU; float32,
+bfloat16 and float16 on CUDA.
 """
 
 from __future__ import annotations
@@ -95,6 +97,112 @@ def lstm_layer(
     return output, h_n, c_n
 
 
+def _validate_embedding_layer(tokens, table, h0, c0, w_hh) -> None:
+    check_tensor(tokens, "tokens", ndim=2, dtype=torch.int64, floating=False)
+    check_tensor(table, "table", ndim=2)
+    check_tensor(w_hh, "w_hh", ndim=2)
+    T, N = tokens.shape
+    if T == 0:
+        raise ValueError(
+            f"tokens must have at least one time step, got shape {tuple(tokens.shape)}"
+        )
+    V, G = table.shape
+    if G % 4 != 0 or G == 0 or V == 0:
+        raise ValueError(f"table must have shape (vocab, 4*hidden_size), got {tuple(table.shape)}")
+    H = G // 4
+    check_shape(w_hh, "w_hh", (4 * H, H))
+    check_tensor(h0, "h0", ndim=2)
+    check_tensor(c0, "c0", ndim=2)
+    check_shape(h0, "h0", (N, H))
+    check_shape(c0, "c0", (N, H))
+    check_same_device_and_dtype({"table": table, "h0": h0, "c0": c0, "w_hh": w_hh})
+    if tokens.device != table.device:
+        raise ValueError(
+            f"tokens must be on the table's device {table.device}, got {tokens.device}"
+        )
+    # The range is data: checked here in eager mode, and by the kernels themselves (which is
+    # what a compiled graph relies on).
+    if tokens.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"tokens must be in [0, {V}), got values in [{lo}, {hi}]")
+
+
+def embedding_lstm_layer(
+    tokens: torch.Tensor,
+    table: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer-direction over embedded tokens, its input projection read from a table.
+
+    tokens: int64 [T,N]  table: [V,4H] = embedding @ w_ih^T + b_ih + b_hh  h0, c0: [N,H]
+    w_hh: [4H,H]. Computes lstm_layer(embedding[tokens], h0, c0, w_ih, w_hh, b_ih, b_hh), and the
+    table's gradient is the sum of the gate gradients per token (backward through the table's
+    own construction gives those of the embedding, w_ih and the biases).
+    Returns output [T,N,H], h_n [N,H], c_n [N,H].
+    """
+    _validate_embedding_layer(tokens, table, h0, c0, w_hh)
+    args = (tokens, table, h0, c0, w_hh, reverse)
+    if torch.compiler.is_compiling():
+        output, h_n, c_n, _, _ = native("embedding_lstm_layer_forward")(*args)
+    elif torch.is_grad_enabled():
+        output, h_n, c_n, _, _ = _EmbeddingLayerFunction.apply(*args)
+    else:
+        with torch._C._AutoDispatchBelowAutograd():
+            output, h_n, c_n, _, _ = native("embedding_lstm_layer_forward")(*args)
+    return output, h_n, c_n
+
+
+def embedding_lstm(
+    tokens: torch.Tensor,
+    embedding: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    weights: list[LayerWeights],
+    *,
+    num_layers: int,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lstm(embedding[tokens], ...) with the first layer's input projection as a table.
+
+    tokens: int64 [T,N]  embedding: [V,E]; the rest as `lstm` (no projection). The first layer
+    computes embedding @ w_ih^T + b once per vocabulary entry ([V,4H]) and gathers rows of it,
+    instead of projecting all T*N tokens: fewer FLOPs forward and backward when V < T*N.
+    """
+    directions = 2 if bidirectional else 1
+    if len(weights) != num_layers * directions:
+        raise ValueError(
+            f"weights must hold {num_layers * directions} layer tuples, got {len(weights)}"
+        )
+    outputs, h_n, c_n = [], [], []
+    for direction in range(directions):
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights[direction]
+        if w_hr is not None:
+            raise ValueError("embedding_lstm does not take a projection (proj_size > 0)")
+        bias = b_ih if b_hh is None else (b_hh if b_ih is None else b_ih + b_hh)
+        table = embedding @ w_ih.t() if bias is None else torch.addmm(bias, embedding, w_ih.t())
+        out, h, c = embedding_lstm_layer(tokens, table, h0[direction], c0[direction], w_hh,
+                                         reverse=direction == 1)
+        outputs.append(out)
+        h_n.append(h)
+        c_n.append(c)
+    x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+    if num_layers == 1:
+        return x, torch.stack(h_n), torch.stack(c_n)
+    if dropout > 0 and training:
+        x = torch.nn.functional.dropout(x, p=dropout, training=True)
+    x, h_rest, c_rest = lstm(
+        x, h0[directions:], c0[directions:], weights[directions:], num_layers=num_layers - 1,
+        bidirectional=bidirectional, dropout=dropout, training=training,
+    )
+    return x, torch.cat([torch.stack(h_n), h_rest]), torch.cat([torch.stack(c_n), c_rest])
+
+
 def lstm(
     input: torch.Tensor,
     h0: torch.Tensor,
@@ -170,6 +278,22 @@ def _lstm_layer_backward_fake(
     )
 
 
+@register_fake("embedding_lstm_layer_forward")
+def _embedding_lstm_layer_forward_fake(tokens, table, h0, c0, w_hh, reverse):
+    T, N = tokens.shape
+    H = table.shape[1] // 4
+    new = table.new_empty
+    return new(T, N, H), new(N, H), new(N, H), new(T, N, 4 * H), new(T, N, H)
+
+
+@register_fake("embedding_lstm_layer_backward")
+def _embedding_lstm_layer_backward_fake(
+    grad_output, grad_h_n, grad_c_n, tokens, table, h0, c0, w_hh, output, gates, cells, reverse
+):
+    new = table.new_empty
+    return new(table.shape), new(h0.shape), new(c0.shape), new(w_hh.shape)
+
+
 # ---- autograd: backward runs our own backward kernel ---------------------------------------------
 
 
@@ -231,8 +355,56 @@ class _LayerFunction(torch.autograd.Function):
 
     backward = staticmethod(_backward)
 
+
+
+def _embedding_setup_context(ctx, inputs, output):
+    tokens, table, h0, c0, w_hh, reverse = inputs
+    out, _, _, gates, cells = output
+    ctx.save_for_backward(tokens, table, h0, c0, w_hh, out, gates, cells)
+    ctx.reverse = reverse
+    ctx.mark_non_differentiable(gates, cells)
+    ctx.set_materialize_grads(False)
+
+
+def _embedding_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+    tokens, table, h0, c0, w_hh, out, gates, cells = ctx.saved_tensors
+    empty = table.new_empty(0)
+    grad_table, grad_h0, grad_c0, grad_w_hh = native("embedding_lstm_layer_backward")(
+        grad_output if grad_output is not None else empty,
+        grad_h_n if grad_h_n is not None else empty,
+        grad_c_n if grad_c_n is not None else empty,
+        tokens, table, h0, c0, w_hh, out, gates, cells, ctx.reverse,
+    )
+    return None, grad_table, grad_h0, grad_c0, grad_w_hh, None
+
+
+register_autograd(
+    "embedding_lstm_layer_forward", _embedding_backward, _embedding_setup_context
+)
+
+
+class _EmbeddingLayerFunction(torch.autograd.Function):
+    """The registered formula of embedding_lstm_layer_forward for eager calls (see
+    _LayerFunction for why)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = native("embedding_lstm_layer_forward")(*args)
+        _embedding_setup_context(ctx, args, output)
+        return output
+
+    backward = staticmethod(_embedding_backward)
+
+
 if torch.version.cuda is not None and triton_available():  # a CUDA build of torch
     from pyengine.kernels import lstm as _triton_lstm
 
     register_cuda_kernel("lstm_layer_forward", _triton_lstm.lstm_layer_forward)
     register_cuda_kernel("lstm_layer_backward", _triton_lstm.lstm_layer_backward)
+    register_cuda_kernel(
+        "embedding_lstm_layer_forward", _triton_lstm.embedding_lstm_layer_forward
+    )
+    register_cuda_kernel(
+        "embedding_lstm_layer_backward", _triton_lstm.embedding_lstm_layer_backward
+    )

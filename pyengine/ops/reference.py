@@ -33,6 +33,13 @@ def lstm_layer(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch
     return torch.stack(outputs), h, c
 
 
+def embedding_lstm_layer(tokens, table, h0, c0, w_hh, reverse=False):
+    """Reference of ops.embedding_lstm_layer: lstm_layer over table rows as input projections
+    (an identity input weight applied to table[tokens])."""
+    eye = torch.eye(table.shape[1], dtype=table.dtype, device=table.device)
+    return lstm_layer(table[tokens], h0, c0, eye, w_hh, reverse=reverse)
+
+
 # ---- gradient clipping ---------------------------------------------------------------------------
 
 

@@ -80,6 +80,23 @@ def test_float32_paths_match_reference(bias, reverse, lengths, threads, kernel_p
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("N", [9, 21, 37])
+@pytest.mark.parametrize("H", [48, 80])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_wide_batches_match_reference(N, H, packed, threads, kernel_path):
+    """Batches wider than one register tile (several row blocks per thread, a last block of
+    odd height) and hidden sizes whose gate columns end in a narrower tile."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lengths = [1 + (7 * n) % 5 for n in range(N)] if packed else None
+        args = make_layer_args(5, N, 6, H, lengths=lengths, seed=N + H)
+        assert_matches_reference(ops.lstm_layer, reference.lstm_layer, args)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_float32_paths_agree(monkeypatch):
     args = make_layer_args(6, 5, 7, 32)
     results = []

@@ -151,3 +151,36 @@ def test_rejects_float64():
     args = make_args(2, 3, 4, 5)
     with pytest.raises(TypeError):
         triton_lstm.lstm_layer_forward(*to_device(args, torch.float64), False)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("grad_state", [True, False], ids=["grad_state", "no_grad_state"])
+def test_embedding_layer_matches_cpp(reverse, grad_state):
+    """The embedding-fed layer: gather of table rows, then the same Triton recurrence."""
+    g = torch.Generator().manual_seed(3)
+    T, N, V, H = 4, 5, 6, 9
+    tokens = torch.randint(0, V, (T, N), generator=g)
+    table, h0, c0 = torch.randn(V, 4 * H, generator=g), torch.randn(N, H, generator=g), \
+        torch.randn(N, H, generator=g)
+    w_hh = torch.randn(4 * H, H, generator=g) * 0.5
+    forward = torch.ops.pyengine.embedding_lstm_layer_forward.default
+    backward = torch.ops.pyengine.embedding_lstm_layer_backward.default
+    expected = forward(tokens, table, h0, c0, w_hh, reverse)
+    dev = [t.to(DEVICE) for t in (tokens, table, h0, c0, w_hh)]
+    actual = triton_lstm.embedding_lstm_layer_forward(*dev, reverse)
+    assert_all_close(actual, expected, FORWARD_NAMES, **TOL)
+
+    output, _, _, gates, cells = expected
+    empty = torch.empty(0)
+    grads = [torch.randn(output.shape, generator=g),
+             torch.randn(h0.shape, generator=g) if grad_state else empty,
+             torch.randn(c0.shape, generator=g) if grad_state else empty]
+    saved = [tokens, table, h0, c0, w_hh, output, gates, cells]
+    expected_grads = backward(*grads, *saved, reverse)
+    actual_grads = triton_lstm.embedding_lstm_layer_backward(
+        *[t.to(DEVICE) for t in grads + saved], reverse
+    )
+    assert_all_close(actual_grads, expected_grads,
+                     ("grad_table", "grad_h0", "grad_c0", "grad_w_hh"), **TOL)
+    with pytest.raises(ValueError, match="tokens must be in"):
+        triton_lstm.embedding_lstm_layer_forward(dev[0] + V, *dev[1:], reverse)
