@@ -206,7 +206,7 @@ def run(quick: bool, device: str, peak_gflops: float) -> list[dict]:
         batches = make_batches(size, device)
         cases = {impl: step_fn(impl, models[impl], batches) for impl in impls}
         # the first (warm-up) step of each starts from the same weights and batch
-        repeats = 2 if quick else (20 if name == "demo" else 7)
+        repeats = 2 if quick else (40 if name == "demo" else 7)
         warmup = 1 if quick else 3
         timings = measure({i: cases[i] for i in IMPLS}, repeats=repeats, warmup=warmup,
                           device=device)
