@@ -24,6 +24,21 @@ TORCH_LIBRARY(pyengine, m) {
       "bool compute_input_grad) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+  // A plain multi-layer LSTM (one direction, no projection, no packing, no dropout) as one op:
+  // each layer is lstm_layer_forward, without a call, a validation and an autograd node per
+  // layer. weights: per layer w_ih [4H,I_l], w_hh [4H,H] and, with has_bias, b_ih, b_hh [4H].
+  // h0, c0: [L,N,H]. returns output [T,N,H], h_n, c_n [L,N,H] and what backward needs:
+  // per layer gates, cells and (all but the last) the layer's output.
+  m.def(
+      "lstm_stack_forward(Tensor input, Tensor h0, Tensor c0, Tensor[] weights, bool has_bias) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)");
+  // grad_weights: per layer grad_w_ih, grad_w_hh and (has_bias) the bias gradient (b_ih's and
+  // b_hh's alike). grad_input is empty unless compute_input_grad.
+  m.def(
+      "lstm_stack_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor h0, Tensor c0, Tensor[] weights, Tensor output, Tensor[] saved, bool has_bias, "
+      "bool compute_input_grad) "
+      "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_weights)");
   // The first layer-direction of an LSTM fed straight from an embedding, without projection:
   // the input projection of token v is row v of table (= embedding @ w_ih^T + b_ih + b_hh,
   // computed once per vocabulary entry), so when the vocabulary is smaller than T*N this

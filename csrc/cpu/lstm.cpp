@@ -497,7 +497,16 @@ Tensor fused_backward_f32(const float* w_hh, const float* gates, const float* ce
     }
     recurrent_grad(t_done);
   }
-  return bias_grad ? bias_partials.sum(0) : Tensor();
+  if (!bias_grad) return Tensor();
+  // The threads' partial sums, added here: a [threads, 4H] reduction is too small for ATen's
+  // sum to pay its dispatch.
+  Tensor grad_bias = bias_partials[0].clone();
+  float* out = grad_bias.data_ptr<float>();
+  for (int64_t i = 1; i < split.threads; ++i) {
+    const float* partial = bias_partials.data_ptr<float>() + i * G;
+    for (int64_t j = 0; j < G; ++j) out[j] += partial[j];
+  }
+  return grad_bias;
 }
 
 #endif  // PYENGINE_HAS_AVX2
@@ -831,9 +840,89 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_lstm_layer_backward(
   return {grad_table, dh, dc, grad_w_hh};
 }
 
+// ---- the whole stack: one call per direction of travel for a plain multi-layer LSTM --------
+
+// Layers in `weights` (per layer w_ih, w_hh and, with has_bias, b_ih, b_hh).
+int64_t stack_layers(at::TensorList weights, bool has_bias, const Tensor& h0, const Tensor& c0) {
+  const int64_t per = has_bias ? 4 : 2;
+  TORCH_CHECK(!weights.empty() && static_cast<int64_t>(weights.size()) % per == 0,
+              "lstm_stack: weights must hold ", per, " tensors per layer, got ", weights.size());
+  const int64_t L = static_cast<int64_t>(weights.size()) / per;
+  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == L, "lstm_stack: h0 must be [", L, ",N,H], got ",
+              h0.sizes());
+  TORCH_CHECK(c0.dim() == 3 && c0.size(0) == L, "lstm_stack: c0 must be [", L, ",N,H], got ",
+              c0.sizes());
+  return L;
+}
+
+std::optional<Tensor> stack_bias(at::TensorList weights, bool has_bias, int64_t layer, int64_t i) {
+  if (!has_bias) return std::nullopt;
+  return weights[layer * 4 + 2 + i];
+}
+
+// Layer after layer, each the layer op above. saved: per layer gates, cells and (all but the
+// last) its output, the next layer's input.
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_stack_forward(
+    const Tensor& input, const Tensor& h0, const Tensor& c0, at::TensorList weights,
+    bool has_bias) {
+  at::NoGradGuard no_grad;
+  const int64_t L = stack_layers(weights, has_bias, h0, c0), per = has_bias ? 4 : 2;
+  std::vector<Tensor> saved, h_n, c_n;
+  Tensor x = input;
+  for (int64_t l = 0; l < L; ++l) {
+    auto [out, h, c, gates, cells] = lstm_layer_forward(
+        x, h0[l], c0[l], weights[l * per], weights[l * per + 1], stack_bias(weights, has_bias, l, 0),
+        stack_bias(weights, has_bias, l, 1), std::nullopt, std::nullopt, false);
+    saved.push_back(gates);
+    saved.push_back(cells);
+    if (l < L - 1) saved.push_back(out);
+    h_n.push_back(h);
+    c_n.push_back(c);
+    x = out;
+  }
+  return {x, at::stack(h_n), at::stack(c_n), saved};
+}
+
+// Gradients of lstm_stack_forward; grad_weights holds per layer grad_w_ih, grad_w_hh and (with
+// has_bias) the bias gradient, which is that of b_ih and of b_hh alike.
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_stack_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
+    const Tensor& h0, const Tensor& c0, at::TensorList weights, const Tensor& output,
+    at::TensorList saved, bool has_bias, bool compute_input_grad) {
+  at::NoGradGuard no_grad;
+  const int64_t L = stack_layers(weights, has_bias, h0, c0), per = has_bias ? 4 : 2;
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 * L - 1, "lstm_stack backward: saved must ",
+              "hold ", 3 * L - 1, " tensors, got ", saved.size());
+  const bool have_h = grad_h_n.defined() && grad_h_n.numel() > 0;
+  const bool have_c = grad_c_n.defined() && grad_c_n.numel() > 0;
+  TORCH_CHECK(!have_h || grad_h_n.sizes() == h0.sizes(), "lstm_stack backward: grad_h_n shape");
+  TORCH_CHECK(!have_c || grad_c_n.sizes() == c0.sizes(), "lstm_stack backward: grad_c_n shape");
+  const Tensor empty = at::empty({0}, input.options());
+  std::vector<Tensor> grad_weights(L * (has_bias ? 3 : 2)), grad_h0(L), grad_c0(L);
+  Tensor grad = grad_output;
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const Tensor& layer_input = l == 0 ? input : saved[3 * (l - 1) + 2];
+    const Tensor& layer_output = l == L - 1 ? output : saved[3 * l + 2];
+    auto [g_in, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, g_w_hr] = lstm_layer_backward(
+        grad, have_h ? grad_h_n[l] : empty, have_c ? grad_c_n[l] : empty, layer_input, h0[l], c0[l],
+        weights[l * per], weights[l * per + 1], std::nullopt, std::nullopt, layer_output,
+        saved[3 * l], saved[3 * l + 1], false, has_bias, l > 0 || compute_input_grad);
+    const int64_t out = l * (has_bias ? 3 : 2);
+    grad_weights[out] = g_w_ih;
+    grad_weights[out + 1] = g_w_hh;
+    if (has_bias) grad_weights[out + 2] = g_bias;
+    grad_h0[l] = g_h0;
+    grad_c0[l] = g_c0;
+    grad = g_in;
+  }
+  return {compute_input_grad ? grad : empty, at::stack(grad_h0), at::stack(grad_c0), grad_weights};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
+  m.impl("lstm_stack_forward", &lstm_stack_forward);
+  m.impl("lstm_stack_backward", &lstm_stack_backward);
   m.impl("lstm_layer_forward", &lstm_layer_forward);
   m.impl("lstm_layer_backward", &lstm_layer_backward);
   m.impl("embedding_lstm_layer_forward", &embedding_lstm_layer_forward);

@@ -4,7 +4,13 @@ from pyengine.ops import reference
 from pyengine.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from pyengine.ops.int8 import int8_linear, quantize_per_channel
 from pyengine.ops.int8_lstm import Int8Weight, int8_lstm_layer
-from pyengine.ops.lstm import embedding_lstm, embedding_lstm_layer, lstm, lstm_layer
+from pyengine.ops.lstm import (
+    embedding_lstm,
+    embedding_lstm_layer,
+    lstm,
+    lstm_layer,
+    lstm_stack,
+)
 from pyengine.ops.prune import nm_mask, unit_importance
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "linear_cross_entropy",
     "lstm",
     "lstm_layer",
+    "lstm_stack",
     "nm_mask",
     "quantize_per_channel",
     "reference",

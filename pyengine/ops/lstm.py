@@ -230,6 +230,9 @@ def lstm(
         raise ValueError(
             f"weights must hold {num_layers * directions} layer tuples, got {len(weights)}"
         )
+    if layer_fn is lstm_layer and _stack_applies(weights, bidirectional, dropout, training,
+                                                 batch_sizes):
+        return lstm_stack(input, h0, c0, weights)
     h_n, c_n = [], []
     x = input
     for layer in range(num_layers):
@@ -248,7 +251,88 @@ def lstm(
     return x, torch.stack(h_n), torch.stack(c_n)
 
 
+def _stack_applies(weights, bidirectional, dropout, training, batch_sizes) -> bool:
+    """Whether `lstm` can run as one lstm_stack_forward op: one direction, no projection, no
+    packing, no dropout at work, and every layer with both biases or none."""
+    if bidirectional or batch_sizes is not None or (dropout > 0 and training):
+        return False
+    biased = {(b_ih is not None, b_hh is not None) for _, _, b_ih, b_hh, _ in weights}
+    no_projection = all(w_hr is None for *_, w_hr in weights)
+    return no_projection and biased in ({(True, True)}, {(False, False)})
+
+
+def lstm_stack(
+    input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weights: list[LayerWeights]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A plain multi-layer LSTM as one op: lstm(input, h0, c0, weights, ...) for one direction
+    without projection, packing or dropout, with both biases in every layer or none.
+
+    input: [T,N,I]  h0, c0: [L,N,H]  weights: L tuples (w_ih, w_hh, b_ih, b_hh, None).
+    Returns output [T,N,H], h_n [L,N,H], c_n [L,N,H].
+    """
+    check_tensor(input, "input", ndim=3)
+    check_tensor(h0, "h0", ndim=3)
+    check_tensor(c0, "c0", ndim=3)
+    T, N, I = input.shape
+    if T == 0:
+        raise ValueError(f"input must have at least one time step, got shape {tuple(input.shape)}")
+    L = len(weights)
+    H = weights[0][1].shape[1] if weights and weights[0][1].dim() == 2 else 0
+    check_shape(h0, "h0", (L, N, H))
+    check_shape(c0, "c0", (L, N, H))
+    has_bias = weights[0][2] is not None
+    flat = []
+    named = {"input": input, "h0": h0, "c0": c0}
+    for layer, (w_ih, w_hh, b_ih, b_hh, _) in enumerate(weights):
+        layer_in = I if layer == 0 else H
+        check_shape(w_ih, f"w_ih (layer {layer})", (4 * H, layer_in))
+        check_shape(w_hh, f"w_hh (layer {layer})", (4 * H, H))
+        flat += [w_ih, w_hh]
+        named[f"w_ih (layer {layer})"] = w_ih
+        named[f"w_hh (layer {layer})"] = w_hh
+        if has_bias:
+            check_shape(b_ih, f"b_ih (layer {layer})", (4 * H,))
+            check_shape(b_hh, f"b_hh (layer {layer})", (4 * H,))
+            flat += [b_ih, b_hh]
+            named[f"b_ih (layer {layer})"] = b_ih
+            named[f"b_hh (layer {layer})"] = b_hh
+    check_same_device_and_dtype(named)
+    if torch.compiler.is_compiling():
+        output, h_n, c_n, _ = native("lstm_stack_forward")(input, h0, c0, flat, has_bias)
+    elif torch.is_grad_enabled():
+        output, h_n, c_n = _StackFunction.apply(input, h0, c0, has_bias, *flat)
+    else:
+        with torch._C._AutoDispatchBelowAutograd():
+            output, h_n, c_n, _ = native("lstm_stack_forward")(input, h0, c0, flat, has_bias)
+    return output, h_n, c_n
+
+
 # ---- fake kernels (shapes only), for torch.compile and FakeTensor ------------------------------
+
+
+@register_fake("lstm_stack_forward")
+def _lstm_stack_forward_fake(input, h0, c0, weights, has_bias):
+    T, N, _ = input.shape
+    L, _, H = h0.shape
+    new = input.new_empty
+    saved = []
+    for layer in range(L):
+        saved += [new(T, N, 4 * H), new(T, N, H)] + ([new(T, N, H)] if layer < L - 1 else [])
+    return new(T, N, H), new(L, N, H), new(L, N, H), saved
+
+
+@register_fake("lstm_stack_backward")
+def _lstm_stack_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weights, output,
+                              saved, has_bias, compute_input_grad):  # fmt: skip
+    new = input.new_empty
+    per = 4 if has_bias else 2
+    grads = []
+    for layer in range(len(weights) // per):
+        grads += [new(weights[layer * per].shape), new(weights[layer * per + 1].shape)]
+        if has_bias:
+            grads.append(new(weights[layer * per + 2].shape))
+    grad_input = new(input.shape) if compute_input_grad else new(0)
+    return grad_input, new(h0.shape), new(c0.shape), grads
 
 
 @register_fake("lstm_layer_forward")
@@ -397,6 +481,114 @@ class _EmbeddingLayerFunction(torch.autograd.Function):
     backward = staticmethod(_embedding_backward)
 
 
+def _stack_setup_context(ctx, inputs, output):
+    input, h0, c0, weights, has_bias = inputs
+    out, _, _, saved = output
+    ctx.save_for_backward(input, h0, c0, out, *weights, *saved)
+    ctx.n_weights = len(weights)
+    ctx.has_bias = has_bias
+    ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)
+
+
+def _stack_grads(ctx, grad_output, grad_h_n, grad_c_n):
+    """(grad_input, grad_h0, grad_c0, weight grads in the order of the flat weights)."""
+    input, h0, c0, out, *rest = ctx.saved_tensors
+    weights, saved = rest[: ctx.n_weights], rest[ctx.n_weights :]
+    empty = input.new_empty(0)
+    grad_input, grad_h0, grad_c0, grads = native("lstm_stack_backward")(
+        grad_output if grad_output is not None else empty,
+        grad_h_n if grad_h_n is not None else empty,
+        grad_c_n if grad_c_n is not None else empty,
+        input, h0, c0, list(weights), out, list(saved), ctx.has_bias, ctx.needs_input_grad[0],
+    )  # fmt: skip
+    per_layer = 3 if ctx.has_bias else 2
+    weight_grads = []
+    for layer in range(len(grads) // per_layer):
+        g = grads[layer * per_layer : (layer + 1) * per_layer]
+        weight_grads += [g[0], g[1]] + ([g[2], g[2]] if ctx.has_bias else [])
+    return grad_input if ctx.needs_input_grad[0] else None, grad_h0, grad_c0, weight_grads
+
+
+def _stack_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_saved):
+    grad_input, grad_h0, grad_c0, weight_grads = _stack_grads(ctx, grad_output, grad_h_n, grad_c_n)
+    return grad_input, grad_h0, grad_c0, weight_grads, None
+
+
+register_autograd("lstm_stack_forward", _stack_backward, _stack_setup_context)
+
+
+class _StackFunction(torch.autograd.Function):
+    """The registered formula of lstm_stack_forward for eager calls (see _LayerFunction), with
+    the weights as separate arguments."""
+
+    @staticmethod
+    def forward(ctx, input, h0, c0, has_bias, *weights):
+        with torch._C._AutoDispatchBelowAutograd():
+            output, h_n, c_n, saved = native("lstm_stack_forward")(
+                input, h0, c0, list(weights), has_bias
+            )
+        ctx.save_for_backward(input, h0, c0, output, *weights, *saved)
+        ctx.n_weights = len(weights)
+        ctx.has_bias = has_bias
+        ctx.set_materialize_grads(False)
+        return output, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n):
+        grad_input, grad_h0, grad_c0, weight_grads = _stack_grads(
+            ctx, grad_output, grad_h_n, grad_c_n
+        )
+        return grad_input, grad_h0, grad_c0, None, *weight_grads
+
+
+def _lstm_stack_forward_composite(input, h0, c0, weights, has_bias):
+    """lstm_stack_forward on CUDA: layer after layer of the (Triton) layer op."""
+    per = 4 if has_bias else 2
+    saved, h_n, c_n = [], [], []
+    x = input
+    L = len(weights) // per
+    for layer in range(L):
+        w = weights[layer * per : (layer + 1) * per]
+        b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+        out, h, c, gates, cells = native("lstm_layer_forward")(
+            x, h0[layer], c0[layer], w[0], w[1], b_ih, b_hh, None, None, False
+        )
+        saved += [gates, cells] + ([out] if layer < L - 1 else [])
+        h_n.append(h)
+        c_n.append(c)
+        x = out
+    return x, torch.stack(h_n), torch.stack(c_n), saved
+
+
+def _lstm_stack_backward_composite(grad_output, grad_h_n, grad_c_n, input, h0, c0, weights,
+                                   output, saved, has_bias, compute_input_grad):  # fmt: skip
+    """lstm_stack_backward on CUDA: layer after layer of the (Triton) layer backward op."""
+    per = 4 if has_bias else 2
+    L = len(weights) // per
+    empty = input.new_empty(0)
+    grads, grad_h0, grad_c0 = [None] * L, [None] * L, [None] * L
+    grad = grad_output
+    for layer in reversed(range(L)):
+        w = weights[layer * per : (layer + 1) * per]
+        layer_input = input if layer == 0 else saved[3 * (layer - 1) + 2]
+        layer_output = output if layer == L - 1 else saved[3 * layer + 2]
+        g_in, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, _ = native("lstm_layer_backward")(
+            grad,
+            grad_h_n[layer] if grad_h_n.numel() else empty,
+            grad_c_n[layer] if grad_c_n.numel() else empty,
+            layer_input, h0[layer], c0[layer], w[0], w[1], None, None, layer_output,
+            saved[3 * layer], saved[3 * layer + 1], False, has_bias,
+            layer > 0 or compute_input_grad,
+        )  # fmt: skip
+        grads[layer] = [g_w_ih, g_w_hh] + ([g_bias] if has_bias else [])
+        grad_h0[layer], grad_c0[layer] = g_h0, g_c0
+        grad = g_in
+    flat = [g for layer_grads in grads for g in layer_grads]
+    grad_input = grad if compute_input_grad else empty
+    return grad_input, torch.stack(grad_h0), torch.stack(grad_c0), flat
+
+
 if torch.version.cuda is not None and triton_available():  # a CUDA build of torch
     from pyengine.kernels import lstm as _triton_lstm
 
@@ -408,3 +600,5 @@ if torch.version.cuda is not None and triton_available():  # a CUDA build of tor
     register_cuda_kernel(
         "embedding_lstm_layer_backward", _triton_lstm.embedding_lstm_layer_backward
     )
+    register_cuda_kernel("lstm_stack_forward", _lstm_stack_forward_composite)
+    register_cuda_kernel("lstm_stack_backward", _lstm_stack_backward_composite)

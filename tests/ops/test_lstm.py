@@ -1,5 +1,7 @@
 """The fused LSTM layer op against its float64 reference (CPU C++ kernel)."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -234,3 +236,110 @@ def test_native_op_rejects_bad_shapes():
     args[1] = torch.randn(2, 7)
     with pytest.raises(RuntimeError, match="h0 must be"):
         FORWARD(*args, False)
+
+
+# ---- the whole-stack op (plain multi-layer LSTM in one call) ----------------------------------
+
+STACK_FORWARD = torch.ops.pyengine.lstm_stack_forward.default
+
+
+def make_stack_args(T, N, I, H, L, bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * 0.5).requires_grad_()
+
+    weights = []
+    for layer in range(L):
+        layer_in = I if layer == 0 else H
+        weights.append((rnd(4 * H, layer_in), rnd(4 * H, H), rnd(4 * H) if bias else None,
+                        rnd(4 * H) if bias else None, None))
+    return rnd(T, N, I), rnd(L, N, H), rnd(L, N, H), weights
+
+
+def _layer_by_layer(input, h0, c0, weights):
+    x, h_n, c_n = input, [], []
+    for layer, w in enumerate(weights):
+        x, h, c = reference.lstm_layer(x, h0[layer], c0[layer], *w)
+        h_n.append(h)
+        c_n.append(c)
+    return x, torch.stack(h_n), torch.stack(c_n)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stack_matches_layer_by_layer_reference(L, bias, dtype, kernel_path):
+    input, h0, c0, weights = make_stack_args(5, 9, 6, 16, L, bias, dtype)
+    flat = [t for w in weights for t in w if t is not None]
+
+    def stack(input, h0, c0, *flat):
+        per = 4 if bias else 2
+        ws = [tuple(flat[i : i + per]) + ((None, None) if not bias else ()) + (None,)
+              for i in range(0, len(flat), per)]
+        return ops.lstm_stack(input, h0, c0, ws)
+
+    def ref(input, h0, c0, *flat):
+        per = 4 if bias else 2
+        ws = [tuple(flat[i : i + per]) + ((None, None) if not bias else ()) + (None,)
+              for i in range(0, len(flat), per)]
+        return _layer_by_layer(input, h0, c0, ws)
+
+    assert_matches_reference(stack, ref, [input, h0, c0, *flat])
+
+
+def test_stack_is_what_lstm_runs_and_equals_the_layer_path():
+    """ops.lstm takes the stack op where it applies; the layer path gives the same numbers."""
+    input, h0, c0, weights = make_stack_args(4, 3, 5, 16, 2, dtype=torch.float32)
+    out_stack = ops.lstm(input, h0, c0, weights, num_layers=2)
+    x, h_n, c_n = input, [], []
+    for layer, w in enumerate(weights):
+        x, h, c = ops.lstm_layer(x, h0[layer], c0[layer], *w)
+        h_n.append(h)
+        c_n.append(c)
+    for a, b in zip(out_stack, (x, torch.stack(h_n), torch.stack(c_n))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_stack_opcheck(bias):
+    input, h0, c0, weights = make_stack_args(3, 2, 4, 5, 2, bias)
+    flat = [t for w in weights for t in w if t is not None]
+    check_opcheck(STACK_FORWARD, [input, h0, c0, flat, bias])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_stack_cuda_composite_matches_the_cpu_op(bias):
+    """The CUDA registration is a composite of the layer ops: checked here on CPU tensors."""
+    lstm_ops = importlib.import_module("pyengine.ops.lstm")  # the module, not ops.lstm
+
+    input, h0, c0, weights = make_stack_args(4, 3, 5, 6, 3, bias)
+    flat = [t.detach() for w in weights for t in w if t is not None]
+    input, h0, c0 = input.detach(), h0.detach(), c0.detach()
+    expected = STACK_FORWARD(input, h0, c0, flat, bias)
+    actual = lstm_ops._lstm_stack_forward_composite(input, h0, c0, flat, bias)
+    for a, e in zip(actual[:3], expected[:3]):
+        torch.testing.assert_close(a, e)
+    for a, e in zip(actual[3], expected[3]):
+        torch.testing.assert_close(a, e)
+    grads = [torch.randn_like(expected[0]), torch.randn_like(h0), torch.randn_like(c0)]
+    backward = torch.ops.pyengine.lstm_stack_backward.default
+    exp_grads = backward(*grads, input, h0, c0, flat, expected[0], expected[3], bias, True)
+    act_grads = lstm_ops._lstm_stack_backward_composite(
+        *grads, input, h0, c0, flat, expected[0], expected[3], bias, True
+    )
+    for a, e in zip(act_grads[:3], exp_grads[:3]):
+        torch.testing.assert_close(a, e)
+    for a, e in zip(act_grads[3], exp_grads[3]):
+        torch.testing.assert_close(a, e)
+
+
+def test_stack_bad_input_names_the_argument():
+    input, h0, c0, weights = make_stack_args(3, 2, 4, 5, 2)
+    bad = [weights[0], (weights[1][0][:, :-1], *weights[1][1:])]
+    with pytest.raises(ValueError, match=r"w_ih \(layer 1\)"):
+        ops.lstm_stack(input, h0, c0, bad)
+    with pytest.raises(ValueError, match="h0"):
+        ops.lstm_stack(input, h0[:1], c0, weights)
+    with pytest.raises((ValueError, TypeError), match="dtype"):
+        ops.lstm_stack(input.float(), h0, c0, weights)
