@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pyengine.nn import LSTM
+from pyengine.nn.lstm import lstm_over_embedding
 
 POOLINGS = ("last", "mean", "max")
 
@@ -52,7 +53,7 @@ class LSTMClassifier(nn.Module):
         elif lengths.shape != (b,) or int(lengths.min()) < 1 or int(lengths.max()) > t:
             raise ValueError(f"lengths must be [batch] with values in [1, {t}], got "
                              f"{tuple(lengths.shape)} {lengths.tolist()}")
-        hidden, _ = self.lstm(self.dropout(self.embedding(tokens)))
+        hidden, _ = lstm_over_embedding(self.lstm, self.embedding, self.dropout, tokens)
         lengths = lengths.to(hidden.device)
         if self.pooling == "last":
             pooled = hidden[torch.arange(b, device=hidden.device), lengths - 1]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pyengine.nn import LSTM
+from pyengine.nn.lstm import lstm_over_embedding
 from pyengine.ops import linear_cross_entropy
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -75,7 +76,7 @@ class LSTMLanguageModel(nn.Module):
                 f"tokens must be a 2-D int64 tensor [batch, time], got {tokens.dtype} "
                 f"of shape {tuple(tokens.shape)}"
             )
-        hidden, state = self._lstm_over_embedding(tokens, state)
+        hidden, state = lstm_over_embedding(self.lstm, self.embedding, self.dropout, tokens, state)
         if targets is not None:
             if tuple(targets.shape) != tuple(tokens.shape):
                 raise ValueError(
@@ -90,25 +91,6 @@ class LSTMLanguageModel(nn.Module):
             )
             return loss, state
         return self.head(self.dropout(hidden)), state
-
-    def _lstm_over_embedding(self, tokens: torch.Tensor, state: State | None):
-        """self.lstm(self.dropout(self.embedding(tokens)), state); with our LSTM and no dropout
-        active on the embeddings, through LSTM.forward_embedding (the first layer's input
-        projection as a per-vocabulary table when that is cheaper)."""
-        embedding = self.embedding
-        plain_embedding = (
-            embedding.padding_idx is None
-            and embedding.max_norm is None
-            and not embedding.scale_grad_by_freq
-            and not embedding.sparse
-        )
-        if (
-            isinstance(self.lstm, LSTM)
-            and plain_embedding
-            and not (self.training and self.dropout.p > 0)
-        ):
-            return self.lstm.forward_embedding(tokens, embedding.weight, state)
-        return self.lstm(self.dropout(embedding(tokens)), state)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:

@@ -249,6 +249,24 @@ class LSTM(nn.Module):
         return h0, c0
 
 
+def lstm_over_embedding(lstm: nn.Module, embedding: nn.Embedding, dropout: nn.Module, tokens,
+                        state=None):
+    """lstm(dropout(embedding(tokens)), state) for the models: through LSTM.forward_embedding
+    (the first layer's input projection as a per-vocabulary table, where that is cheaper) when
+    it computes the same thing: our float LSTM, a plain embedding (no padding row, norm or
+    frequency scaling, dense gradient) and no dropout at work on the embeddings."""
+    plain_embedding = (
+        embedding.padding_idx is None
+        and embedding.max_norm is None
+        and not embedding.scale_grad_by_freq
+        and not embedding.sparse
+    )
+    dropout_active = dropout.training and getattr(dropout, "p", 0.0) > 0
+    if isinstance(lstm, LSTM) and plain_embedding and not dropout_active:
+        return lstm.forward_embedding(tokens, embedding.weight, state)
+    return lstm(dropout(embedding(tokens)), state)
+
+
 class LSTMCell(nn.Module):
     """One LSTM step with torch.nn.LSTMCell's interface, on the fused layer kernel (T = 1)."""
 

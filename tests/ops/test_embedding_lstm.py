@@ -192,3 +192,22 @@ def test_compile_fullgraph_language_model_step():
     expected = loss_of(tokens, targets)
     compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(tokens, targets), expected)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_classifier_through_the_table_equals_the_plain_model(pooling):
+    torch.manual_seed(0)
+    V = 9
+    ours = pyengine.LSTMClassifier(V, 3, embed_dim=8, hidden_size=16, num_layers=2,
+                                   pooling=pooling).double()
+    ref = pyengine.LSTMClassifier(V, 3, embed_dim=8, hidden_size=16, num_layers=2,
+                                  pooling=pooling, lstm_class=torch.nn.LSTM).double()
+    ref.load_state_dict(ours.state_dict())
+    tokens = torch.randint(0, V, (5, 7))
+    lengths = torch.tensor([7, 3, 5, 1, 7])
+    out_o, out_r = ours(tokens, lengths), ref(tokens, lengths)
+    torch.testing.assert_close(out_o, out_r)
+    out_o.sin().sum().backward()
+    out_r.sin().sum().backward()
+    for (name, p_o), p_r in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p_o.grad, p_r.grad, msg=name)
