@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -529,6 +531,61 @@ bool use_fused_path(const Tensor& input, bool has_proj, int64_t T, int64_t N, in
 
 // ---- forward ------------------------------------------------------------------------------------
 
+// Saved activations (gates, cells) live from a forward to its backward, every training step,
+// at the same sizes. Allocated fresh each time, glibc trims and regrows the heap around them and
+// every step faults their pages in again (hundreds of faults a step for a small LSTM). This pool
+// keeps freed blocks by size for reuse, up to kPoolMaxBytes in all. The tensors it hands out
+// cannot be resized (their storage is not the default allocator's); nothing in pyengine does.
+constexpr size_t kPoolMaxBytes = size_t(64) << 20;
+
+struct BlockPool {
+  std::mutex mutex;
+  std::unordered_multimap<size_t, void*> free_blocks;
+  size_t held = 0;
+};
+
+BlockPool& block_pool() {
+  static BlockPool* pool = new BlockPool();  // never destroyed: deleters may run at exit
+  return *pool;
+}
+
+void release_block(void* ptr, size_t bytes) {
+  BlockPool& pool = block_pool();
+  {
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    if (pool.held + bytes <= kPoolMaxBytes) {
+      pool.free_blocks.emplace(bytes, ptr);
+      pool.held += bytes;
+      return;
+    }
+  }
+  std::free(ptr);
+}
+
+Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t bytes = std::max<size_t>(64, (static_cast<size_t>(numel) *
+                                             at::elementSize(opts.dtype().toScalarType()) + 63) /
+                                                64 * 64);
+  void* ptr = nullptr;
+  {
+    BlockPool& pool = block_pool();
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    auto it = pool.free_blocks.find(bytes);
+    if (it != pool.free_blocks.end()) {
+      ptr = it->second;
+      pool.free_blocks.erase(it);
+      pool.held -= bytes;
+    }
+  }
+  if (ptr == nullptr) {
+    ptr = std::aligned_alloc(64, bytes);
+    TORCH_CHECK(ptr != nullptr, "lstm: out of memory allocating ", bytes, " bytes");
+  }
+  return at::from_blob(ptr, sizes, [bytes](void* p) { release_block(p, bytes); }, opts);
+}
+
 // The recurrence of one layer-direction, shared by the layer op and the embedding-fed op.
 // gates: [T,N,4H] input projections in, activated gates out; the bias is already in them, or
 // is `tile_bias` ([4H]), which only the fused path takes (added in its first step tile).
@@ -539,7 +596,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const Dims& d, bool packed, bool fused, bool reverse) {
   const auto opts = gates.options();
   Tensor output = packed ? at::zeros({d.T, d.N, d.P}, opts) : at::empty({d.T, d.N, d.P}, opts);
-  Tensor cells = packed ? at::zeros({d.T, d.N, d.H}, opts) : at::empty({d.T, d.N, d.H}, opts);
+  Tensor cells = pooled_empty({d.T, d.N, d.H}, opts);
+  if (packed) cells.zero_();
   Tensor h = h0_.contiguous().clone();
   Tensor c = c0_.contiguous().clone();
   const int64_t H = d.H;
@@ -609,7 +667,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
 
   // Input projection of every step: gates = x @ w_ih^T + (b_ih + b_hh), one GEMM. The fused
   // path adds the bias in its first step tile instead (saving a pass over gates).
-  Tensor gates = at::empty({d.T, d.N, 4 * d.H}, opts);
+  Tensor gates = pooled_empty({d.T, d.N, 4 * d.H}, opts);
   Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
   Tensor x2d = input.view({d.T * d.N, d.I});
   if (bias.defined() && !fused) {
@@ -660,7 +718,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> embedding_lstm_layer_forward(
   at::NoGradGuard no_grad;
   const Dims d = check_embedding_layer_args(tokens, table, h0, c0, w_hh);
   const std::vector<int64_t> rows(d.T, d.N);
-  Tensor gates = at::index_select(table, 0, tokens.reshape({-1})).view({d.T, d.N, 4 * d.H});
+  Tensor gates = pooled_empty({d.T, d.N, 4 * d.H}, table.options());
+  Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
+  at::index_select_out(gates2d, table, 0, tokens.reshape({-1}));
   const bool fused = use_fused_path(table, false, d.T, d.N, d.H);
   auto [output, h, c, cells] = recurrence_forward(gates, Tensor(), h0, c0, w_hh, std::nullopt,
                                                   rows, d, false, fused, reverse);
