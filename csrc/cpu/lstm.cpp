@@ -812,8 +812,7 @@ Tensor recurrent_weight_grad(const Tensor& dgates, const Tensor& output, const T
   // Every row is active at every step: h_prev is the output shifted by one step, with h0 at
   // the first step processed. Two GEMMs on views, no copy.
   const int64_t first = reverse ? d.T - 1 : 0;
-  Tensor grad_w_hh = pooled_empty({4 * d.H, d.P}, dgates.options());
-  at::mm_out(grad_w_hh, dgates[first].t(), h0);
+  Tensor grad_w_hh = at::mm(dgates[first].t(), h0);
   if (d.T > 1) {
     Tensor out2d = output.view({d.T * d.N, d.P});
     const int64_t M = (d.T - 1) * d.N;
@@ -860,16 +859,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   // Everything that does not depend on the recurrence: one GEMM (or reduction) each.
   Tensor dg2d = dgates.view({d.T * d.N, 4 * d.H});
   Tensor input = input_.contiguous();
-  // Gradients are written into pooled blocks too: freed after the optimizer step (or
-  // accumulated and freed), they would otherwise be fresh pages faulted in every step.
-  Tensor grad_w_ih = pooled_empty({4 * d.H, d.I}, opts);
-  at::mm_out(grad_w_ih, dg2d.t(), input.view({d.T * d.N, d.I}));
-  Tensor grad_input = at::empty({0}, opts);
-  if (compute_input_grad) {
-    grad_input = pooled_empty({d.T, d.N, d.I}, opts);
-    Tensor grad_input2d = grad_input.view({d.T * d.N, d.I});
-    at::mm_out(grad_input2d, dg2d, w_ih);
-  }
+  Tensor grad_input = compute_input_grad ? at::mm(dg2d, w_ih).view({d.T, d.N, d.I})
+                                         : at::empty({0}, opts);
+  Tensor grad_w_ih = at::mm(dg2d.t(), input.view({d.T * d.N, d.I}));
   Tensor grad_w_hh = recurrent_weight_grad(dgates, output, h0, rows, d, packed, reverse);
   Tensor grad_bias = !has_bias                  ? at::empty({0}, opts)
                      : fused_grad_bias.defined() ? fused_grad_bias
