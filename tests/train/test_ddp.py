@@ -25,7 +25,9 @@ SCRIPT = textwrap.dedent("""
     trainer.fit(data)
     if trainer.is_main:
         torch.save(model.state_dict(), sys.argv[1] + "/final.pt")
-    print("rank", trainer.rank, "of", trainer.world_size, "step", trainer.global_step)
+    # one string per print: with unbuffered output, print's separate writes of each argument
+    # from the two ranks can interleave in the shared pipe
+    print(f"rank {trainer.rank} of {trainer.world_size} step {trainer.global_step}")
 
     # evaluation is split across the ranks and reduced: every rank gets the whole set's numbers
     val = LanguageModelDataset.from_text("Validation text, read once. " * 12, ByteTokenizer(),
@@ -42,17 +44,20 @@ SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     clf = Trainer(LSTMClassifier(256, 3, embed_dim=8, hidden_size=16), tensorboard=False)
     c = clf.evaluate(cls)
-    print("EVAL", trainer.rank, repr([lm["loss"], lm["accuracy"], c["loss"], c["accuracy"],
-                                      c["f1_macro"], c["report"]["macro"]["support"]]))
+    numbers = repr([lm["loss"], lm["accuracy"], c["loss"], c["accuracy"], c["f1_macro"],
+                    c["report"]["macro"]["support"]])
+    with open(f"{sys.argv[1]}/eval_{trainer.rank}.txt", "w") as f:
+        f.write(numbers)
 """)
 
 
-def _evals(stdout):
-    """rank -> the evaluation numbers that rank printed."""
+def _evals(out_dir):
+    """rank -> the evaluation numbers that rank wrote (to a file each: lines printed by two
+    processes into one pipe can interleave)."""
     import ast
 
-    return {int(line.split()[1]): ast.literal_eval(line.split(" ", 2)[2])
-            for line in stdout.splitlines() if line.startswith("EVAL ")}
+    return {int(path.stem.split("_")[1]): ast.literal_eval(path.read_text())
+            for path in out_dir.glob("eval_*.txt")}
 
 
 @pytest.mark.slow
@@ -76,7 +81,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "two" / "last.pt").is_file()
     # evaluation split across the two ranks equals the single process's, on both ranks
-    single_eval, ddp_eval = _evals(single.stdout), _evals(ddp.stdout)
+    single_eval, ddp_eval = _evals(tmp_path / "one"), _evals(tmp_path / "two")
     assert set(ddp_eval) == {0, 1}
     for rank in (0, 1):
         assert ddp_eval[rank][-1] == single_eval[0][-1] == 23  # every example once
