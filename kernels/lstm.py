@@ -568,7 +568,7 @@ def embedding_lstm_layer_forward(tokens, table, h0, c0, w_hh, reverse):
     """
     with torch.no_grad():
         T, N = tokens.shape
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = (int(v) for v in torch.aminmax(tokens))
         if lo < 0 or hi >= table.shape[0]:
             raise ValueError(
                 f"embedding_lstm: tokens must be in [0, {table.shape[0]}), got values in "

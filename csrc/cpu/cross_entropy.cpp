@@ -44,52 +44,10 @@ enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
 // ---- vector helpers for float rows ---------------------------------------------------------------
 #if PYENGINE_HAS_AVX512
-struct VF {
-  using R = __m512;
-  static constexpr int W = 16;
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static R set1(float v) { return _mm512_set1_ps(v); }
-  static R zero() { return _mm512_setzero_ps(); }
-  static R add(R a, R b) { return _mm512_add_ps(a, b); }
-  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
-  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
-  static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static R fnmadd(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }
-  static R max(R a, R b) { return _mm512_max_ps(a, b); }
-  static R exp(R a) { return exp512(a); }
-  static float hsum(R a) { return _mm512_reduce_add_ps(a); }
-  static float hmax(R a) { return _mm512_reduce_max_ps(a); }
-};
+using VF = Avx512F32;
 #define PYENGINE_CE_VEC 1
 #elif PYENGINE_HAS_AVX2
-struct VF {
-  using R = __m256;
-  static constexpr int W = 8;
-  static R load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
-  static R set1(float v) { return _mm256_set1_ps(v); }
-  static R zero() { return _mm256_setzero_ps(); }
-  static R add(R a, R b) { return _mm256_add_ps(a, b); }
-  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
-  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
-  static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  static R fnmadd(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
-  static R max(R a, R b) { return _mm256_max_ps(a, b); }
-  static R exp(R a) { return exp256(a); }
-  static float hsum(R a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-  }
-  static float hmax(R a) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-  }
-};
+using VF = Avx2F32;
 #define PYENGINE_CE_VEC 1
 #else
 #define PYENGINE_CE_VEC 0
@@ -136,7 +94,7 @@ double row_max<float>(const float* x, int64_t C) {
   int64_t j = 0;
   float m = -std::numeric_limits<float>::infinity();
   if (C >= 2 * VF::W) {
-    VF::R m0 = VF::set1(m), m1 = VF::set1(m);
+    VF::T m0 = VF::set1(m), m1 = VF::set1(m);
     for (; j + 2 * VF::W <= C; j += 2 * VF::W) {
       m0 = VF::max(m0, VF::load(x + j));
       m1 = VF::max(m1, VF::load(x + j + VF::W));
@@ -150,12 +108,12 @@ double row_max<float>(const float* x, int64_t C) {
 template <bool kStore, bool kSmooth, bool kWeighted>
 inline void row_sums_vec(const float* x, int64_t C, float m, const float* w, float* e, double* se_out,
                          double* sw_out) {
-  const VF::R vm = VF::set1(m);
-  VF::R se0 = VF::zero(), se1 = VF::zero(), sw0 = VF::zero(), sw1 = VF::zero();
+  const VF::T vm = VF::set1(m);
+  VF::T se0 = VF::zero(), se1 = VF::zero(), sw0 = VF::zero(), sw1 = VF::zero();
   int64_t j = 0;
   for (; j + 2 * VF::W <= C; j += 2 * VF::W) {
-    const VF::R d0 = VF::sub(VF::load(x + j), vm), d1 = VF::sub(VF::load(x + j + VF::W), vm);
-    const VF::R e0 = VF::exp(d0), e1 = VF::exp(d1);
+    const VF::T d0 = VF::sub(VF::load(x + j), vm), d1 = VF::sub(VF::load(x + j + VF::W), vm);
+    const VF::T e0 = VF::exp(d0), e1 = VF::exp(d1);
     if (kStore) {
       VF::store(e + j, e0);
       VF::store(e + j + VF::W, e1);
@@ -202,7 +160,7 @@ void row_sums<float>(const float* x, int64_t C, double m_, const float* w, bool 
 template <>
 void row_finish<float>(float* e, int64_t C, double a_, double b_, const float* w) {
   const float a = static_cast<float>(a_), b = static_cast<float>(b_);
-  const VF::R va = VF::set1(a), vb = VF::set1(b);
+  const VF::T va = VF::set1(a), vb = VF::set1(b);
   int64_t j = 0;
   if (w && b != 0.0f) {
     for (; j + VF::W <= C; j += VF::W) {

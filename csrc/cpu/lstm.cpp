@@ -150,33 +150,13 @@ Tensor previous_states(const Tensor& states, const Tensor& init, const std::vect
 #if PYENGINE_HAS_AVX2
 
 #if defined(__AVX512F__)
-struct Vec {
-  using T = __m512;
-  static constexpr int W = 16;
-  static constexpr int kRegisters = 32;
-  static T zero() { return _mm512_setzero_ps(); }
-  static T load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
-  static T broadcast(const float* p) { return _mm512_set1_ps(*p); }
-  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  static T add(T a, T b) { return _mm512_add_ps(a, b); }
-};
+using Vec = Avx512F32;
 constexpr int kMaxTileRows = 8;
 // Vectors per tile row for a tile of R rows: the widest whose R*V accumulators, V weight vectors
 // and one broadcast fit the register file (measured best: 4x4, 6x4, 8x3).
 constexpr int tile_vectors(int R) { return R <= 6 ? 4 : 3; }
 #else
-struct Vec {
-  using T = __m256;
-  static constexpr int W = 8;
-  static constexpr int kRegisters = 16;
-  static T zero() { return _mm256_setzero_ps(); }
-  static T load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
-  static T broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static T add(T a, T b) { return _mm256_add_ps(a, b); }
-};
+using Vec = Avx2F32;
 constexpr int kMaxTileRows = 3;
 constexpr int tile_vectors(int) { return 4; }
 #endif
@@ -204,14 +184,14 @@ __attribute__((noinline)) void gemm_tile(const float* const* a, int64_t K, const
       for (int v = 0; v < V; ++v) bv[v] = Vec::load(bk + Vec::W * v);
       for (int r = 0; r < R; ++r) {
         const typename Vec::T av = Vec::broadcast(a[r] + k);
-        for (int v = 0; v < V; ++v) acc[r][v] = Vec::fma(av, bv[v], acc[r][v]);
+        for (int v = 0; v < V; ++v) acc[r][v] = Vec::fmadd(av, bv[v], acc[r][v]);
       }
     } else {  // all R broadcasts held at once
       typename Vec::T av[R];
       for (int r = 0; r < R; ++r) av[r] = Vec::broadcast(a[r] + k);
       for (int v = 0; v < V; ++v) {
         const typename Vec::T bv = Vec::load(bk + Vec::W * v);
-        for (int r = 0; r < R; ++r) acc[r][v] = Vec::fma(av[r], bv, acc[r][v]);
+        for (int r = 0; r < R; ++r) acc[r][v] = Vec::fmadd(av[r], bv, acc[r][v]);
       }
     }
   }
@@ -701,7 +681,8 @@ Dims check_embedding_layer_args(const Tensor& tokens, const Tensor& table, const
                 table.scalar_type(), ", got ", t->scalar_type());
   }
   if (tokens.numel() > 0 && table.size(0) > 0) {
-    const int64_t lo = tokens.min().item<int64_t>(), hi = tokens.max().item<int64_t>();
+    const auto [min, max] = at::aminmax(tokens);
+    const int64_t lo = min.item<int64_t>(), hi = max.item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < table.size(0), "embedding_lstm: tokens must be in [0, ",
                 table.size(0), "), got values in [", lo, ", ", hi, "]");
   }

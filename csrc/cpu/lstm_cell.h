@@ -30,37 +30,10 @@ struct Scalar {  // one value of any floating type
 };
 
 #if PYENGINE_HAS_AVX2
-struct Avx2 {
-  using T = __m256;
-  static constexpr int W = 8;
-  static T load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
-  static T set1(float v) { return _mm256_set1_ps(v); }
-  static T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
-  static T sig(T x) { return sigmoid256(x); }
-  static T th(T x) { return tanh256(x); }
-};
+using Avx2 = Avx2F32;
 #endif
-
 #if PYENGINE_HAS_AVX512
-struct Avx512 {
-  using T = __m512;
-  static constexpr int W = 16;
-  static T load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
-  static T set1(float v) { return _mm512_set1_ps(v); }
-  static T add(T a, T b) { return _mm512_add_ps(a, b); }
-  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
-  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
-  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
-  static T sig(T x) { return sigmoid512(x); }
-  static T th(T x) { return tanh512(x); }
-};
+using Avx512 = Avx512F32;
 #endif
 
 // Units [j, count) in steps of V::W while a whole vector fits; returns where it stopped.

@@ -110,5 +110,66 @@ inline __m512 tanh512(__m512 x) {
 #define PYENGINE_HAS_AVX512 0
 #endif
 
+// ---- float vector traits: one interface over the widths, for kernels written once ------------
+// T: the register type; W: floats per register. Used by the LSTM cell and tiles (lstm_cell.h,
+// lstm.cpp) and by the cross-entropy row passes (cross_entropy.cpp).
+#if PYENGINE_HAS_AVX2
+struct Avx2F32 {
+  using T = __m256;
+  static constexpr int W = 8;
+  static constexpr int kRegisters = 16;
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T set1(float v) { return _mm256_set1_ps(v); }
+  static T broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static T zero() { return _mm256_setzero_ps(); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static T exp(T a) { return exp256(a); }
+  static T sig(T x) { return sigmoid256(x); }
+  static T th(T x) { return tanh256(x); }
+  static float hsum(T a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+  static float hmax(T a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+};
+#endif
+
+#if PYENGINE_HAS_AVX512
+struct Avx512F32 {
+  using T = __m512;
+  static constexpr int W = 16;
+  static constexpr int kRegisters = 32;
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T set1(float v) { return _mm512_set1_ps(v); }
+  static T broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static T zero() { return _mm512_setzero_ps(); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T exp(T a) { return exp512(a); }
+  static T sig(T x) { return sigmoid512(x); }
+  static T th(T x) { return tanh512(x); }
+  static float hsum(T a) { return _mm512_reduce_add_ps(a); }
+  static float hmax(T a) { return _mm512_reduce_max_ps(a); }
+};
+#endif
+
 }  // namespace cpu
 }  // namespace pyengine

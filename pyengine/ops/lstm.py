@@ -123,7 +123,7 @@ def _validate_embedding_layer(tokens, table, h0, c0, w_hh) -> None:
     # The range is data: checked here in eager mode, and by the kernels themselves (which is
     # what a compiled graph relies on).
     if tokens.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = (int(v) for v in torch.aminmax(tokens))
         if lo < 0 or hi >= V:
             raise ValueError(f"tokens must be in [0, {V}), got values in [{lo}, {hi}]")
 
@@ -396,11 +396,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
-    empty = input.new_empty(0)
     grads = native("lstm_layer_backward")(
-        grad_output if grad_output is not None else empty,
-        grad_h_n if grad_h_n is not None else empty,
-        grad_c_n if grad_c_n is not None else empty,
+        *_or_empty(input, grad_output, grad_h_n, grad_c_n),
         input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells,
         ctx.reverse, ctx.has_b_ih or ctx.has_b_hh, ctx.needs_input_grad[0],
     )
@@ -422,22 +419,32 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
 register_autograd("lstm_layer_forward", _backward, _setup_context)
 
 
-class _LayerFunction(torch.autograd.Function):
-    """The registered autograd formula as a plain autograd.Function, for eager calls.
+def _eager_function(op: str, setup_context, backward) -> type[torch.autograd.Function]:
+    """Op `op`'s registered autograd formula as a plain autograd.Function, for eager calls.
 
     Old-style forward(ctx, ...): with a separate setup_context, Function.apply binds the
     arguments through inspect.signature on every call; and the op is called below the
     Autograd key, skipping the registered formula's Python wrapper (about 80 us a layer
     call together, measured)."""
 
-    @staticmethod
     def forward(ctx, *args):
         with torch._C._AutoDispatchBelowAutograd():
-            output = native("lstm_layer_forward")(*args)
-        _setup_context(ctx, args, output)
+            output = native(op)(*args)
+        setup_context(ctx, args, output)
         return output
 
-    backward = staticmethod(_backward)
+    return type(f"_{op}_function", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def _or_empty(like: torch.Tensor, *grads):
+    """The incoming gradients with None (an unused output) as an empty tensor, as the backward
+    ops take them."""
+    empty = like.new_empty(0)
+    return [g if g is not None else empty for g in grads]
+
+
+_LayerFunction = _eager_function("lstm_layer_forward", _setup_context, _backward)
 
 
 
@@ -452,11 +459,8 @@ def _embedding_setup_context(ctx, inputs, output):
 
 def _embedding_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     tokens, table, h0, c0, w_hh, out, gates, cells = ctx.saved_tensors
-    empty = table.new_empty(0)
     grad_table, grad_h0, grad_c0, grad_w_hh = native("embedding_lstm_layer_backward")(
-        grad_output if grad_output is not None else empty,
-        grad_h_n if grad_h_n is not None else empty,
-        grad_c_n if grad_c_n is not None else empty,
+        *_or_empty(table, grad_output, grad_h_n, grad_c_n),
         tokens, table, h0, c0, w_hh, out, gates, cells, ctx.reverse,
     )
     return None, grad_table, grad_h0, grad_c0, grad_w_hh, None
@@ -467,18 +471,9 @@ register_autograd(
 )
 
 
-class _EmbeddingLayerFunction(torch.autograd.Function):
-    """The registered formula of embedding_lstm_layer_forward for eager calls (see
-    _LayerFunction for why)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = native("embedding_lstm_layer_forward")(*args)
-        _embedding_setup_context(ctx, args, output)
-        return output
-
-    backward = staticmethod(_embedding_backward)
+_EmbeddingLayerFunction = _eager_function(
+    "embedding_lstm_layer_forward", _embedding_setup_context, _embedding_backward
+)
 
 
 def _stack_setup_context(ctx, inputs, output):
@@ -495,11 +490,8 @@ def _stack_grads(ctx, grad_output, grad_h_n, grad_c_n):
     """(grad_input, grad_h0, grad_c0, weight grads in the order of the flat weights)."""
     input, h0, c0, out, *rest = ctx.saved_tensors
     weights, saved = rest[: ctx.n_weights], rest[ctx.n_weights :]
-    empty = input.new_empty(0)
     grad_input, grad_h0, grad_c0, grads = native("lstm_stack_backward")(
-        grad_output if grad_output is not None else empty,
-        grad_h_n if grad_h_n is not None else empty,
-        grad_c_n if grad_c_n is not None else empty,
+        *_or_empty(input, grad_output, grad_h_n, grad_c_n),
         input, h0, c0, list(weights), out, list(saved), ctx.has_bias, ctx.needs_input_grad[0],
     )  # fmt: skip
     per_layer = 3 if ctx.has_bias else 2
@@ -519,7 +511,7 @@ register_autograd("lstm_stack_forward", _stack_backward, _stack_setup_context)
 
 
 class _StackFunction(torch.autograd.Function):
-    """The registered formula of lstm_stack_forward for eager calls (see _LayerFunction), with
+    """The registered formula of lstm_stack_forward for eager calls (see _eager_function), with
     the weights as separate arguments."""
 
     @staticmethod
