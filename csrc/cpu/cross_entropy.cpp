@@ -32,6 +32,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/recent_blocks.h"
 #include "cpu/vec_math.h"
 
 namespace pyengine {
@@ -361,7 +362,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_forward(
   const double divisor = check_targets(target, C, ignore_index, weight, sample_weight);
   const Tensor x = logits.contiguous();
   Tensor lse = at::empty({N}, x.options());
-  Tensor grad = compute_grad ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
+  Tensor grad = compute_grad ? recent_empty({N, C}, x.scalar_type()) : at::empty({0}, x.options());
   std::vector<double> rows(N);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyengine_cross_entropy_forward", [&] {
     auto p = prepare<scalar_t>(target, weight, sample_weight, C, ignore_index, label_smoothing,
@@ -412,7 +413,7 @@ Tensor cross_entropy_backward(const Tensor& grad_loss, const Tensor& logits, con
   const double divisor = check_targets(target, C, ignore_index, weight, sample_weight);
   const Tensor x = logits.contiguous();
   const Tensor gl = grad_loss.to(at::kDouble).contiguous().reshape({-1});
-  Tensor grad = at::empty({N, C}, x.options());
+  Tensor grad = recent_empty({N, C}, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyengine_cross_entropy_backward", [&] {
     auto p = prepare<scalar_t>(target, weight, sample_weight, C, ignore_index, label_smoothing,
                                gamma, z_loss);
@@ -532,8 +533,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_
   const Tensor W = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   Tensor lse = at::empty({N}, h.options());
-  Tensor grad_h = compute_grad ? at::empty({N, H}, h.options()) : at::empty({0}, h.options());
-  Tensor grad_W = compute_grad ? at::zeros({V, H}, h.options()) : at::empty({0}, h.options());
+  Tensor grad_h = compute_grad ? recent_empty({N, H}, h.scalar_type()) : at::empty({0}, h.options());
+  Tensor grad_W = compute_grad ? recent_zeros({V, H}, h.scalar_type()) : at::empty({0}, h.options());
   Tensor grad_b = compute_grad && has_bias ? at::zeros({V}, h.options()) : at::empty({0}, h.options());
   std::vector<double> rows(N);
   int64_t correct = 0;
@@ -581,8 +582,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward(
   const Tensor W = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor g64 = grad_loss.to(at::kDouble).contiguous().reshape({-1});
-  Tensor grad_h = at::empty({N, H}, h.options());
-  Tensor grad_W = at::zeros({V, H}, h.options());
+  Tensor grad_h = recent_empty({N, H}, h.scalar_type());
+  Tensor grad_W = recent_zeros({V, H}, h.scalar_type());
   Tensor grad_b = has_bias ? at::zeros({V}, h.options()) : at::empty({0}, h.options());
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "pyengine_linear_cross_entropy_backward", [&] {
     auto p = prepare<scalar_t>(target, class_weight, sample_weight, V, ignore_index,

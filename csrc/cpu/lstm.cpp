@@ -19,13 +19,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <unordered_map>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/lstm_cell.h"
+#include "cpu/recent_blocks.h"
 #include "cpu/vec_math.h"
 
 namespace pyengine {
@@ -240,6 +239,41 @@ inline int panel_vectors(int64_t left, int V) {
   return static_cast<int>(left <= V ? left : left == V + 1 ? V - 1 : V);
 }
 
+// dst[k*ld_dst + j] = src[j*ld_src + k] for j, k < 16: one 16x16 block transposed in registers
+// (a scalar element-by-element transpose made packing the forward's weights cost 15% of a small
+// layer's forward).
+#if defined(__AVX512F__)
+inline void transpose_16x16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], a[16], b[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  // a[2i], a[2i+1]: rows 2i and 2i+1 interleaved by element, within each 128-bit lane.
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // b[4i+m], lane l: element 4l+m of rows 4i..4i+3.
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a0 = _mm512_castps_pd(a[4 * i]), a1 = _mm512_castps_pd(a[4 * i + 1]);
+    const __m512d a2 = _mm512_castps_pd(a[4 * i + 2]), a3 = _mm512_castps_pd(a[4 * i + 3]);
+    b[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+    b[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+    b[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+    b[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+  }
+  // Element 4l+m of all 16 rows: lane l of b[m], b[4+m], b[8+m], b[12+m].
+  for (int m = 0; m < 4; ++m) {
+    const __m512 lo0 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0x44);
+    const __m512 lo1 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0x44);
+    const __m512 hi0 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0xEE);
+    const __m512 hi1 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0xEE);
+    _mm512_storeu_ps(dst + m * ld_dst, _mm512_shuffle_f32x4(lo0, lo1, 0x88));
+    _mm512_storeu_ps(dst + (4 + m) * ld_dst, _mm512_shuffle_f32x4(lo0, lo1, 0xDD));
+    _mm512_storeu_ps(dst + (8 + m) * ld_dst, _mm512_shuffle_f32x4(hi0, hi1, 0x88));
+    _mm512_storeu_ps(dst + (12 + m) * ld_dst, _mm512_shuffle_f32x4(hi0, hi1, 0xDD));
+  }
+}
+#endif
+
 // Packs columns [c0, c1) of the K x C matrix whose element (k, c) is src[k*sk + c*sc].
 // Panels with index % stride == first only, so that threads can share the packing.
 void pack_panels(const float* src, int64_t sk, int64_t sc, int64_t K, int64_t c0, int64_t c1,
@@ -252,9 +286,17 @@ void pack_panels(const float* src, int64_t sk, int64_t sc, int64_t K, int64_t c0
       if (sc == 1) {  // rows of src are rows of the panel
         for (int64_t k = 0; k < K; ++k)
           std::memcpy(dst + k * width, src + k * sk + c, width * sizeof(float));
-      } else {  // columns of src are rows of the panel: read along them
+      } else {  // columns of src are rows of the panel: transpose
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        if (sk == 1) {  // 16x16 blocks (width is a multiple of 16 here)
+          for (; k + 16 <= K; k += 16)
+            for (int64_t j = 0; j < width; j += 16)
+              transpose_16x16(src + k + (c + j) * sc, sc, dst + k * width + j, width);
+        }
+#endif
         for (int64_t j = 0; j < width; ++j)
-          for (int64_t k = 0; k < K; ++k) dst[k * width + j] = src[k * sk + (c + j) * sc];
+          for (int64_t kk = k; kk < K; ++kk) dst[kk * width + j] = src[kk * sk + (c + j) * sc];
       }
     }
     c += width;
@@ -511,61 +553,6 @@ bool use_fused_path(const Tensor& input, bool has_proj, int64_t T, int64_t N, in
 
 // ---- forward ------------------------------------------------------------------------------------
 
-// Saved activations (gates, cells) live from a forward to its backward, every training step,
-// at the same sizes. Allocated fresh each time, glibc trims and regrows the heap around them and
-// every step faults their pages in again (hundreds of faults a step for a small LSTM). This pool
-// keeps freed blocks by size for reuse, up to kPoolMaxBytes in all. The tensors it hands out
-// cannot be resized (their storage is not the default allocator's); nothing in pyengine does.
-constexpr size_t kPoolMaxBytes = size_t(64) << 20;
-
-struct BlockPool {
-  std::mutex mutex;
-  std::unordered_multimap<size_t, void*> free_blocks;
-  size_t held = 0;
-};
-
-BlockPool& block_pool() {
-  static BlockPool* pool = new BlockPool();  // never destroyed: deleters may run at exit
-  return *pool;
-}
-
-void release_block(void* ptr, size_t bytes) {
-  BlockPool& pool = block_pool();
-  {
-    std::lock_guard<std::mutex> lock(pool.mutex);
-    if (pool.held + bytes <= kPoolMaxBytes) {
-      pool.free_blocks.emplace(bytes, ptr);
-      pool.held += bytes;
-      return;
-    }
-  }
-  std::free(ptr);
-}
-
-Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const size_t bytes = std::max<size_t>(64, (static_cast<size_t>(numel) *
-                                             at::elementSize(opts.dtype().toScalarType()) + 63) /
-                                                64 * 64);
-  void* ptr = nullptr;
-  {
-    BlockPool& pool = block_pool();
-    std::lock_guard<std::mutex> lock(pool.mutex);
-    auto it = pool.free_blocks.find(bytes);
-    if (it != pool.free_blocks.end()) {
-      ptr = it->second;
-      pool.free_blocks.erase(it);
-      pool.held -= bytes;
-    }
-  }
-  if (ptr == nullptr) {
-    ptr = std::aligned_alloc(64, bytes);
-    TORCH_CHECK(ptr != nullptr, "lstm: out of memory allocating ", bytes, " bytes");
-  }
-  return at::from_blob(ptr, sizes, [bytes](void* p) { release_block(p, bytes); }, opts);
-}
-
 // The recurrence of one layer-direction, shared by the layer op and the embedding-fed op.
 // gates: [T,N,4H] input projections in, activated gates out; the bias is already in them, or
 // is `tile_bias` ([4H]), which only the fused path takes (added in its first step tile).
@@ -575,9 +562,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     const Tensor& w_hh_, const std::optional<Tensor>& w_hr_, const std::vector<int64_t>& rows,
     const Dims& d, bool packed, bool fused, bool reverse) {
   const auto opts = gates.options();
-  Tensor output = packed ? at::zeros({d.T, d.N, d.P}, opts) : at::empty({d.T, d.N, d.P}, opts);
-  Tensor cells = pooled_empty({d.T, d.N, d.H}, opts);
-  if (packed) cells.zero_();
+  Tensor output = recent_empty({d.T, d.N, d.P}, gates.scalar_type());
+  Tensor cells = recent_empty({d.T, d.N, d.H}, gates.scalar_type());
+  if (packed) {
+    output.zero_();
+    cells.zero_();
+  }
   Tensor h = h0_.contiguous().clone();
   Tensor c = c0_.contiguous().clone();
   const int64_t H = d.H;
@@ -647,7 +637,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
 
   // Input projection of every step: gates = x @ w_ih^T + (b_ih + b_hh), one GEMM. The fused
   // path adds the bias in its first step tile instead (saving a pass over gates).
-  Tensor gates = pooled_empty({d.T, d.N, 4 * d.H}, opts);
+  Tensor gates = recent_empty({d.T, d.N, 4 * d.H}, input.scalar_type());
   Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
   Tensor x2d = input.view({d.T * d.N, d.I});
   if (bias.defined() && !fused) {
@@ -699,7 +689,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> embedding_lstm_layer_forward(
   at::NoGradGuard no_grad;
   const Dims d = check_embedding_layer_args(tokens, table, h0, c0, w_hh);
   const std::vector<int64_t> rows(d.T, d.N);
-  Tensor gates = pooled_empty({d.T, d.N, 4 * d.H}, table.options());
+  Tensor gates = recent_empty({d.T, d.N, 4 * d.H}, table.scalar_type());
   Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
   at::index_select_out(gates2d, table, 0, tokens.reshape({-1}));
   const bool fused = use_fused_path(table, false, d.T, d.N, d.H);
@@ -793,7 +783,8 @@ Tensor recurrent_weight_grad(const Tensor& dgates, const Tensor& output, const T
   // Every row is active at every step: h_prev is the output shifted by one step, with h0 at
   // the first step processed. Two GEMMs on views, no copy.
   const int64_t first = reverse ? d.T - 1 : 0;
-  Tensor grad_w_hh = at::mm(dgates[first].t(), h0);
+  Tensor grad_w_hh = recent_empty({4 * d.H, d.P}, dgates.scalar_type());
+  at::mm_out(grad_w_hh, dgates[first].t(), h0);
   if (d.T > 1) {
     Tensor out2d = output.view({d.T * d.N, d.P});
     const int64_t M = (d.T - 1) * d.N;
@@ -840,9 +831,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   // Everything that does not depend on the recurrence: one GEMM (or reduction) each.
   Tensor dg2d = dgates.view({d.T * d.N, 4 * d.H});
   Tensor input = input_.contiguous();
-  Tensor grad_input = compute_input_grad ? at::mm(dg2d, w_ih).view({d.T, d.N, d.I})
-                                         : at::empty({0}, opts);
-  Tensor grad_w_ih = at::mm(dg2d.t(), input.view({d.T * d.N, d.I}));
+  Tensor grad_input = at::empty({0}, opts);
+  if (compute_input_grad) {
+    grad_input = recent_empty({d.T, d.N, d.I}, opts.dtype().toScalarType());
+    Tensor grad_input2d = grad_input.view({d.T * d.N, d.I});
+    at::mm_out(grad_input2d, dg2d, w_ih);
+  }
+  Tensor grad_w_ih = recent_empty({4 * d.H, d.I}, opts.dtype().toScalarType());
+  at::mm_out(grad_w_ih, dg2d.t(), input.view({d.T * d.N, d.I}));
   Tensor grad_w_hh = recurrent_weight_grad(dgates, output, h0, rows, d, packed, reverse);
   Tensor grad_bias = !has_bias                  ? at::empty({0}, opts)
                      : fused_grad_bias.defined() ? fused_grad_bias
@@ -875,7 +871,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_lstm_layer_backward(
   auto [dgates, dh, dc, unused_bias, unused_dh_all] =
       recurrence_backward(grad_output, grad_h_n, grad_c_n, c0, w_hh, std::nullopt, rows, gates,
                           cells, d, false, fused, reverse, false);
-  Tensor grad_table = at::zeros_like(table, at::MemoryFormat::Contiguous)
+  Tensor grad_table = recent_zeros(table.sizes(), table.scalar_type())
                           .index_add_(0, tokens.reshape({-1}), dgates.view({d.T * d.N, 4 * d.H}));
   Tensor grad_w_hh = recurrent_weight_grad(dgates, output, h0, rows, d, false, reverse);
   return {grad_table, dh, dc, grad_w_hh};
