@@ -111,3 +111,34 @@ def test_language_model_returns_fused_loss():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="targets"):
         model(tokens, targets=targets[:, :3])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("lstm_class", [pnn.LSTM, nn.LSTM])
+def test_language_model_loss_keeps_batch_first_meaning(reduction, lstm_class):
+    # Our LSTM's hidden states are time-major underneath and the loss is taken in that order:
+    # per-position losses, counts and every gradient must still be those of batch-first.
+    torch.manual_seed(1)
+    model = pyengine.LSTMLanguageModel(23, embed_dim=6, hidden_size=8, num_layers=2,
+                                       lstm_class=lstm_class).double()
+    tokens = torch.randint(0, 23, (4, 7))
+    targets = torch.randint(0, 23, (4, 7))
+    targets[1, 2] = -100
+    (loss, correct), _ = model(tokens, targets=targets, reduction=reduction, gamma=1.5,
+                               return_correct=True)
+    logits, _ = model(tokens)
+    log_p = F.log_softmax(logits, dim=-1)
+    valid = targets != -100
+    picked = log_p.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    per_position = torch.where(valid, -((1 - picked.exp()) ** 1.5) * picked, 0.0)
+    expected = {"none": per_position, "sum": per_position.sum(),
+                "mean": per_position.sum() / valid.sum()}[reduction]
+    assert loss.shape == expected.shape
+    torch.testing.assert_close(loss, expected)
+    assert int(correct) == int(((logits.argmax(-1) == targets) & valid).sum())
+    params = list(model.parameters())
+    weights = torch.rand(expected.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((loss * weights).sum(), params)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), params)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)

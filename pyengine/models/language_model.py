@@ -83,12 +83,20 @@ class LSTMLanguageModel(nn.Module):
                     f"targets must have the tokens' shape {tuple(tokens.shape)}, "
                     f"got {tuple(targets.shape)}"
                 )
+            # Our LSTM computes time-major: hidden is a [B,T,H] view of a [T,B,H] tensor. The
+            # loss takes it in that order (the targets transposed to match), so neither the
+            # hidden states nor their gradient are copied into batch-first order.
+            time_major = hidden.transpose(0, 1)
+            if time_major.is_contiguous():
+                hidden, targets = time_major, targets.t()
             loss = linear_cross_entropy(
                 self.dropout(hidden), self.head.weight, targets, bias=self.head.bias,
                 class_weight=class_weight, ignore_index=ignore_index, reduction=reduction,
                 label_smoothing=label_smoothing, gamma=gamma, z_loss=z_loss,
                 return_correct=return_correct,
             )
+            if time_major.is_contiguous() and reduction == "none":  # per position, back to [B,T]
+                loss = (loss[0].t(), loss[1]) if return_correct else loss.t()
             return loss, state
         return self.head(self.dropout(hidden)), state
 
