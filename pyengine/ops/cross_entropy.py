@@ -208,9 +208,12 @@ def _ce_setup_context(ctx, inputs, output):
     else:
         ctx.save_for_backward(logits, target, weight, sample_weight, lse)
     ctx.mark_non_differentiable(lse, grad)
+    ctx.set_materialize_grads(False)  # no zero-filled [N,C] for the unused outputs
 
 
 def _ce_backward(ctx, grad_loss, _grad_lse, _grad_grad):
+    if grad_loss is None:
+        return (None,) * 10
     if ctx.fused:
         (grad,) = ctx.saved_tensors
         scale = grad_loss[:, None] if ctx.reduction == 0 else grad_loss
@@ -341,11 +344,17 @@ def _lce_setup_context(ctx, inputs, output):
     else:
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, sample_weight, lse)
     ctx.mark_non_differentiable(lse, correct, grad_h, grad_w, grad_b)
+    ctx.set_materialize_grads(False)  # no zero-filled [N,H] and [V,H] for the unused outputs
 
 
 def _lce_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        return (None,) * 14
     if ctx.fused:
         grad_h, grad_w, grad_b = ctx.saved_tensors
+        # Scaled into new tensors even for grad_loss == 1: handing on the saved ones would let
+        # AccumulateGrad adopt them as .grad, and an in-place change of that .grad (clipping)
+        # would then break a second backward through a retained graph.
         g = grad_loss.to(grad_h.dtype)
         grad_h, grad_w = grad_h * g, grad_w * g
         grad_b = grad_b * g if ctx.has_bias else None

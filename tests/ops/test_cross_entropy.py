@@ -115,6 +115,36 @@ def test_linear_cross_entropy_batched_hidden_and_float64(reduction):
                              [hidden, weight, target], kwargs)
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_loss_backward_with_retained_graph_and_modified_grad(linear):
+    """The gradient computed in the forward reaches .grad equal to the reference, scales with
+    the upstream gradient, and survives a retained graph whose first .grad was modified in
+    place (as clipping does)."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(11, 6, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(9, 6, generator=g, dtype=torch.float64).requires_grad_()
+    target = torch.randint(0, 9, (11,), generator=g)
+    leaves = [hidden, weight] if linear else [hidden]
+
+    def loss_of(fn):
+        if linear:
+            return fn(hidden, weight, target, gamma=1.0)
+        return fn(hidden @ weight.t().detach(), target, gamma=1.0)
+
+    expected = torch.autograd.grad(loss_of(reference.linear_cross_entropy if linear
+                                           else reference.cross_entropy), leaves)
+    loss = loss_of(ops.linear_cross_entropy if linear else ops.cross_entropy)
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad.mul_(0.0)  # clipping and optimizers modify .grad in place
+    loss.backward(retain_graph=True)
+    (loss * 3).backward()
+    for t, f, e in zip(leaves, first, expected):
+        torch.testing.assert_close(f, e)
+        torch.testing.assert_close(t.grad, 4 * e)
+
+
 def test_linear_cross_entropy_correct_count():
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(40, 8, generator=g)
