@@ -16,6 +16,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -161,19 +162,20 @@ constexpr int tile_vectors(int) { return 4; }
 #endif
 constexpr int kUnits = Vec::W;  // hidden units per vector
 
-// out[r][0 : W*V] (+)= sum_k a[r][k] * b[k*ldb + 0 : W*V] for r < R.  a: R row pointers, each
-// [K].  b: [K, ldb] row-major.  out: R row pointers, each [W*V].  With kAccumulate the tile
-// starts from out (the input projection already there) plus `add` ([W*V], the bias, or null)
-// instead of zero.
+// out[r][0 : W*V] = (in[r][0 : W*V] + add) + sum_k a[r][k] * b[k*ldb + 0 : W*V] for r < R, or
+// without kAccumulate just the sum.  a: R row pointers, each [K].  b: [K, ldb] row-major.
+// in, out: R row pointers, each [W*V] (in may be out: the input projection already there).
+// add: [W*V] (the bias) or null.
 // noinline: compiled on its own, the tile keeps every accumulator in a register; inlined into the
 // big loop body the register allocator spilled them.
 template <int R, int V, bool kAccumulate>
 __attribute__((noinline)) void gemm_tile(const float* const* a, int64_t K, const float* b,
-                                         int64_t ldb, float* const* out, const float* add) {
+                                         int64_t ldb, const float* const* in, float* const* out,
+                                         const float* add) {
   typename Vec::T acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) {
-      acc[r][v] = kAccumulate ? Vec::load(out[r] + Vec::W * v) : Vec::zero();
+      acc[r][v] = kAccumulate ? Vec::load(in[r] + Vec::W * v) : Vec::zero();
       if (kAccumulate && add) acc[r][v] = Vec::add(acc[r][v], Vec::load(add + Vec::W * v));
     }
   for (int64_t k = 0; k < K; ++k) {
@@ -200,29 +202,30 @@ __attribute__((noinline)) void gemm_tile(const float* const* a, int64_t K, const
 
 template <int R, bool kAccumulate>
 inline void gemm_tile_vectors(int V, const float* const* a, int64_t K, const float* b, int64_t ldb,
-                              float* const* out, const float* add) {
+                              const float* const* in, float* const* out, const float* add) {
   switch (V) {
-    case 4: gemm_tile<R, 4, kAccumulate>(a, K, b, ldb, out, add); break;
-    case 3: gemm_tile<R, 3, kAccumulate>(a, K, b, ldb, out, add); break;
-    case 2: gemm_tile<R, 2, kAccumulate>(a, K, b, ldb, out, add); break;
-    default: gemm_tile<R, 1, kAccumulate>(a, K, b, ldb, out, add); break;
+    case 4: gemm_tile<R, 4, kAccumulate>(a, K, b, ldb, in, out, add); break;
+    case 3: gemm_tile<R, 3, kAccumulate>(a, K, b, ldb, in, out, add); break;
+    case 2: gemm_tile<R, 2, kAccumulate>(a, K, b, ldb, in, out, add); break;
+    default: gemm_tile<R, 1, kAccumulate>(a, K, b, ldb, in, out, add); break;
   }
 }
 
 template <bool kAccumulate>
 inline void gemm_tile_any(int R, int V, const float* const* a, int64_t K, const float* b,
-                          int64_t ldb, float* const* out, const float* add) {
+                          int64_t ldb, const float* const* in, float* const* out,
+                          const float* add) {
   switch (R) {
 #if defined(__AVX512F__)
-    case 8: gemm_tile_vectors<8, kAccumulate>(V, a, K, b, ldb, out, add); break;
-    case 7: gemm_tile_vectors<7, kAccumulate>(V, a, K, b, ldb, out, add); break;
-    case 6: gemm_tile_vectors<6, kAccumulate>(V, a, K, b, ldb, out, add); break;
-    case 5: gemm_tile_vectors<5, kAccumulate>(V, a, K, b, ldb, out, add); break;
-    case 4: gemm_tile_vectors<4, kAccumulate>(V, a, K, b, ldb, out, add); break;
+    case 8: gemm_tile_vectors<8, kAccumulate>(V, a, K, b, ldb, in, out, add); break;
+    case 7: gemm_tile_vectors<7, kAccumulate>(V, a, K, b, ldb, in, out, add); break;
+    case 6: gemm_tile_vectors<6, kAccumulate>(V, a, K, b, ldb, in, out, add); break;
+    case 5: gemm_tile_vectors<5, kAccumulate>(V, a, K, b, ldb, in, out, add); break;
+    case 4: gemm_tile_vectors<4, kAccumulate>(V, a, K, b, ldb, in, out, add); break;
 #endif
-    case 3: gemm_tile_vectors<3, kAccumulate>(V, a, K, b, ldb, out, add); break;
-    case 2: gemm_tile_vectors<2, kAccumulate>(V, a, K, b, ldb, out, add); break;
-    default: gemm_tile_vectors<1, kAccumulate>(V, a, K, b, ldb, out, add); break;
+    case 3: gemm_tile_vectors<3, kAccumulate>(V, a, K, b, ldb, in, out, add); break;
+    case 2: gemm_tile_vectors<2, kAccumulate>(V, a, K, b, ldb, in, out, add); break;
+    default: gemm_tile_vectors<1, kAccumulate>(V, a, K, b, ldb, in, out, add); break;
   }
 }
 
@@ -303,21 +306,27 @@ void pack_panels(const float* src, int64_t sk, int64_t sc, int64_t K, int64_t c0
   }
 }
 
-// out[i][c0:c1] (+)= sum_k a[i][k] * B[k, c0:c1] for the `rows` rows given as pointers, B packed
-// by pack_panels with the same V.  a: [rows] pointers to [K]  out: [rows] pointers to rows of
-// at least c1 floats.  add: null, or a row added to every output row (with kAccumulate).  Panels outside, row blocks inside: each panel comes from L2 once and is
-// reused from L1 by every row block.
+// out[i][c0:c1] = (with kAccumulate: in[i][c0:c1] + add[c0:c1]) + sum_k a[i][k] * B[k, c0:c1]
+// for the `rows` rows given as pointers, B packed by pack_panels with the same V.
+// a: [rows] pointers to [K]  in, out: [rows] pointers to rows of at least c1 floats (in null:
+// out itself)  add: null, or a row added to every output row.  Panels outside, row blocks
+// inside: each panel comes from L2 once and is reused from L1 by every row block.
 template <bool kAccumulate>
 void small_gemm(const float* const* a, float* const* out, int64_t rows, int64_t K,
-                const float* packed, int64_t c0, int64_t c1, int V, const float* add = nullptr) {
+                const float* packed, int64_t c0, int64_t c1, int V, const float* add = nullptr,
+                const float* const* in = nullptr) {
   float* out_block[kMaxTileRows];
+  const float* in_block[kMaxTileRows];
   for (int64_t c = c0; c < c1;) {
     const int v = panel_vectors((c1 - c) / Vec::W, V);
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxTileRows) {
       const int R = static_cast<int>(std::min<int64_t>(kMaxTileRows, rows - r0));
-      for (int r = 0; r < R; ++r) out_block[r] = out[r0 + r] + c;
-      gemm_tile_any<kAccumulate>(R, v, a + r0, K, packed + c * K, Vec::W * v, out_block,
-                                 add ? add + c : nullptr);
+      for (int r = 0; r < R; ++r) {
+        out_block[r] = out[r0 + r] + c;
+        in_block[r] = (in ? in[r0 + r] : out[r0 + r]) + c;
+      }
+      gemm_tile_any<kAccumulate>(R, v, a + r0, K, packed + c * K, Vec::W * v, in_block,
+                                 out_block, add ? add + c : nullptr);
     }
     c += Vec::W * v;
   }
@@ -394,11 +403,15 @@ inline int gate_ranges(const Share& my, int64_t H, int64_t (&ranges)[4][2]) {
 // w_hh: [4H,H]  bias: [4H] (b_ih + b_hh) or null  gates: [T,N,4H] input projections (without
 // the bias) in, activated gates out  output: [T,N,H]  cells: [T,N,H]  h0: [N,H]
 // h_state: [N,H] final h out  c_state: [N,H] c0 in, final c out.
+// With a table ([V,4H], input projections by token) and tokens ([T,N], each checked in [0,V)),
+// the input projection of row n at step t is table[tokens[t,n]], read straight into the step's
+// GEMM, and gates is only written.
 void fused_forward_f32(const float* w_hh, const float* bias, float* gates, float* output,
                        float* cells,
                        const float* h0, float* h_state, float* c_state,
                        const std::vector<int64_t>& rows, int64_t T, int64_t N, int64_t H,
-                       bool reverse) {
+                       bool reverse, const float* table = nullptr,
+                       const int64_t* tokens = nullptr) {
   constexpr int64_t W = kUnits;
   const int64_t G = 4 * H, units = H / W;
   // B = w_hh^T [H, 4H] packed: element (k, c) = w_hh[c*H + k].
@@ -419,7 +432,7 @@ void fused_forward_f32(const float* w_hh, const float* bias, float* gates, float
         pack_panels(w_hh, 1, H, H, ranges[i][0], ranges[i][1], my.V, packed);
     }
     const int64_t u0 = my.u0 * W, count = (my.u1 - my.u0) * W;
-    std::vector<const float*> h_prev(my.n1 - my.n0);
+    std::vector<const float*> h_prev(my.n1 - my.n0), in_rows(my.n1 - my.n0);
     std::vector<float*> g_rows(my.n1 - my.n0);
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
@@ -427,10 +440,11 @@ void fused_forward_f32(const float* w_hh, const float* bias, float* gates, float
       for (int64_t i = 0; i < active; ++i) {
         h_prev[i] = prev_row(output, h0, rows, t, my.n0 + i, T, N, H, reverse);
         g_rows[i] = gates + (t * N + my.n0 + i) * G;
+        in_rows[i] = table ? table + tokens[t * N + my.n0 + i] * G : g_rows[i];
       }
       for (int i = 0; i < n_ranges; ++i)
         small_gemm<true>(h_prev.data(), g_rows.data(), active, H, packed, ranges[i][0],
-                         ranges[i][1], my.V, bias);
+                         ranges[i][1], my.V, bias, in_rows.data());
       for (int64_t n = my.n0; n < n_end; ++n) {
         const int64_t row = t * N + n;
         float* h = output + row * H + u0;
@@ -560,7 +574,8 @@ bool use_fused_path(const Tensor& input, bool has_proj, int64_t T, int64_t N, in
 std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     Tensor& gates, const Tensor& tile_bias, const Tensor& h0_, const Tensor& c0_,
     const Tensor& w_hh_, const std::optional<Tensor>& w_hr_, const std::vector<int64_t>& rows,
-    const Dims& d, bool packed, bool fused, bool reverse) {
+    const Dims& d, bool packed, bool fused, bool reverse, const Tensor& table = Tensor(),
+    const Tensor& tokens = Tensor()) {
   const auto opts = gates.options();
   Tensor output = recent_empty({d.T, d.N, d.P}, gates.scalar_type());
   Tensor cells = recent_empty({d.T, d.N, d.H}, gates.scalar_type());
@@ -580,11 +595,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
                       tile_bias.defined() ? tile_bias.data_ptr<float>() : nullptr,
                       gates.data_ptr<float>(), output.data_ptr<float>(), cells.data_ptr<float>(),
                       h0.data_ptr<float>(), h.data_ptr<float>(), c.data_ptr<float>(), rows, d.T,
-                      d.N, d.H, reverse);
+                      d.N, d.H, reverse, table.defined() ? table.data_ptr<float>() : nullptr,
+                      tokens.defined() ? tokens.data_ptr<int64_t>() : nullptr);
     return {output, h, c, cells};
   }
 #endif
   TORCH_CHECK(!tile_bias.defined(), "lstm: internal error, bias left for a path without tiles");
+  TORCH_CHECK(!table.defined(), "lstm: internal error, table left for a path without tiles");
 
   Tensor m = w_hr_.has_value() ? at::empty({d.N, d.H}, opts) : Tensor();
   // [P,4H] row-major copy: MKL runs the per-step GEMM ~1.5x faster on it than on the transposed
@@ -670,7 +687,8 @@ Dims check_embedding_layer_args(const Tensor& tokens, const Tensor& table, const
     TORCH_CHECK(t->scalar_type() == table.scalar_type(), "embedding_lstm: all tensors must have dtype ",
                 table.scalar_type(), ", got ", t->scalar_type());
   }
-  if (tokens.numel() > 0 && table.size(0) > 0) {
+  if (tokens.numel() > 0) {
+    TORCH_CHECK(table.size(0) > 0, "embedding_lstm: the table has no rows for the tokens to index");
     const auto [min, max] = at::aminmax(tokens);
     const int64_t lo = min.item<int64_t>(), hi = max.item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < table.size(0), "embedding_lstm: tokens must be in [0, ",
@@ -690,11 +708,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> embedding_lstm_layer_forward(
   const Dims d = check_embedding_layer_args(tokens, table, h0, c0, w_hh);
   const std::vector<int64_t> rows(d.T, d.N);
   Tensor gates = recent_empty({d.T, d.N, 4 * d.H}, table.scalar_type());
-  Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
-  at::index_select_out(gates2d, table, 0, tokens.reshape({-1}));
   const bool fused = use_fused_path(table, false, d.T, d.N, d.H);
-  auto [output, h, c, cells] = recurrence_forward(gates, Tensor(), h0, c0, w_hh, std::nullopt,
-                                                  rows, d, false, fused, reverse);
+  // The fused path reads the table rows straight into each step's GEMM; the other gathers
+  // them into gates first.
+  Tensor table_c = table.contiguous(), tokens_c = tokens.contiguous();
+  if (!fused) {
+    Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
+    at::index_select_out(gates2d, table_c, 0, tokens_c.reshape({-1}));
+  }
+  auto [output, h, c, cells] =
+      recurrence_forward(gates, Tensor(), h0, c0, w_hh, std::nullopt, rows, d, false, fused,
+                         reverse, fused ? table_c : Tensor(), fused ? tokens_c : Tensor());
   return {output, h, c, gates, cells};
 }
 
@@ -771,6 +795,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   return {dgates, dh, dc, Tensor(), dh_all};
 }
 
+// Whether every element of t is zero (one pass; t is a small state tensor).
+bool is_all_zero(const Tensor& t) {
+  const Tensor c = t.contiguous();
+  bool zero = true;
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "lstm_is_all_zero", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    zero = std::all_of(p, p + c.numel(), [](scalar_t v) { return v == scalar_t(0); });
+  });
+  return zero;
+}
+
 // grad_w_hh = sum over steps of dgates[t]^T @ h_prev[t].  dgates: [T,N,4H]  output: [T,N,P]
 Tensor recurrent_weight_grad(const Tensor& dgates, const Tensor& output, const Tensor& h0,
                              const std::vector<int64_t>& rows, const Dims& d, bool packed,
@@ -782,15 +817,22 @@ Tensor recurrent_weight_grad(const Tensor& dgates, const Tensor& output, const T
   }
   // Every row is active at every step: h_prev is the output shifted by one step, with h0 at
   // the first step processed. Two GEMMs on views, no copy.
+  // A zero h0 (no state passed in, the usual case) adds nothing: its K=N GEMM, which still
+  // writes all of grad_w_hh, is skipped.
   const int64_t first = reverse ? d.T - 1 : 0;
   Tensor grad_w_hh = recent_empty({4 * d.H, d.P}, dgates.scalar_type());
-  at::mm_out(grad_w_hh, dgates[first].t(), h0);
+  const bool h0_zero = is_all_zero(h0);
+  if (d.T == 1 || !h0_zero) at::mm_out(grad_w_hh, dgates[first].t(), h0);
   if (d.T > 1) {
     Tensor out2d = output.view({d.T * d.N, d.P});
     const int64_t M = (d.T - 1) * d.N;
     Tensor dg_rest = reverse ? dg2d.narrow(0, 0, M) : dg2d.narrow(0, d.N, M);
     Tensor h_rest = reverse ? out2d.narrow(0, d.N, M) : out2d.narrow(0, 0, M);
-    grad_w_hh.addmm_(dg_rest.t(), h_rest);
+    if (h0_zero) {
+      at::mm_out(grad_w_hh, dg_rest.t(), h_rest);
+    } else {
+      grad_w_hh.addmm_(dg_rest.t(), h_rest);
+    }
   }
   return grad_w_hh;
 }

@@ -40,8 +40,9 @@ def test_layer_matches_reference(dtype, shape, reverse, kernel_path):
                              {"reverse": reverse})
 
 
-def test_layer_noncontiguous_inputs():
-    tokens, table, h0, c0, w_hh = make_args(5, 4, 9, 16, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_noncontiguous_inputs(dtype, kernel_path):
+    tokens, table, h0, c0, w_hh = make_args(5, 4, 9, 16, dtype=dtype)
     args = [tokens.t().contiguous().t(), noncontiguous(table.detach()).requires_grad_(),
             h0, c0, noncontiguous(w_hh.detach()).requires_grad_()]
     assert not args[0].is_contiguous() and not args[1].is_contiguous()
@@ -84,11 +85,16 @@ def test_bad_input_names_the_argument():
         ops.embedding_lstm_layer(tokens[:0], table, h0, c0, w_hh)
 
 
-def test_native_op_refuses_out_of_range_tokens():
-    """The C++ kernel checks the range itself too: no read outside the table."""
-    tokens, table, h0, c0, w_hh = make_args(4, 3, 5, 8)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="tokens must be in"):
-        FORWARD(tokens + 100, table, h0, c0, w_hh, False)
+def test_native_op_refuses_out_of_range_tokens(kernel_path):
+    """The C++ kernel checks the range itself too (on both paths, one of which reads the table
+    rows straight into its GEMM): no read outside the table."""
+    tokens, table, h0, c0, w_hh = make_args(40, 3, 5, 16)
+    with torch.no_grad():
+        for bad in (tokens + 100, tokens - 6):
+            with pytest.raises(RuntimeError, match="tokens must be in"):
+                FORWARD(bad, table, h0, c0, w_hh, False)
+        with pytest.raises(RuntimeError, match="no rows"):
+            FORWARD(tokens, table[:0], h0, c0, w_hh, False)
 
 
 @pytest.mark.parametrize("num_layers", [1, 3])
