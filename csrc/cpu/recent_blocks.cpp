@@ -84,8 +84,27 @@ class RecentBlockAllocator final : public c10::Allocator {
   }
 };
 
+// glibc serves requests above its mmap threshold (128 KiB at start) with fresh mappings, and
+// raises the threshold to the size of any such block the program frees. A program whose large
+// tensors all live in this allocator never frees one, so the threshold stays low and every
+// other temporary above it (an optimizer's, 1 MB each at the demo size) is mapped and faulted in
+// afresh each time: 256 page faults an Adam step. One large block freed at start gives glibc
+// the threshold it would otherwise have reached. (Thresholds set by the user through mallopt or
+// MALLOC_MMAP_THRESHOLD_ are fixed, and this changes nothing then.)
+void raise_malloc_mmap_threshold() {
+  constexpr size_t kLargeBlock = size_t(8) << 20;
+  void* block = std::malloc(kLargeBlock);
+  if (block != nullptr) {
+    static_cast<volatile char*>(block)[0] = 0;  // a real allocation, not optimised away
+    std::free(block);
+  }
+}
+
 RecentBlockAllocator& allocator() {
-  static RecentBlockAllocator* a = new RecentBlockAllocator();
+  static RecentBlockAllocator* a = [] {
+    raise_malloc_mmap_threshold();
+    return new RecentBlockAllocator();
+  }();
   return *a;
 }
 
