@@ -40,22 +40,30 @@ def measure(
     warmup: int = 3,
     min_seconds: float = 0.0,
     device: str | None = None,
+    block: int = 1,
 ) -> dict[str, Timing]:
-    """Time every case `repeats` times, round-robin, after `warmup` untimed calls each."""
+    """Time every case `repeats` times, round-robin, after `warmup` untimed calls each.
+
+    With block > 1 each turn of a case is `block` calls in a row, the first one untimed: a
+    training step is then timed after a step of its own model, as in a training loop, not
+    straight after the other case evicted its data from the caches. `repeats` timed calls are
+    still taken per case (rounds of block - 1), so the cases stay interleaved against drift.
+    """
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in cases}
     start = time.perf_counter()
-    rounds = 0
-    while rounds < repeats or time.perf_counter() - start < min_seconds:
+    while samples and (min(len(v) for v in samples.values()) < repeats
+           or time.perf_counter() - start < min_seconds):
         for name, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[name].append(time.perf_counter() - t0)
-        rounds += 1
+            for call in range(max(1, block)):
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                if block <= 1 or call > 0:
+                    samples[name].append(time.perf_counter() - t0)
     result = {}
     for name, values in samples.items():
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3

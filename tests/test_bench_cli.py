@@ -125,3 +125,18 @@ def test_bench_without_a_bench_folder_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_bench_dir", lambda: tmp_path / "bench")
     assert cli.main(["bench", "--output", str(tmp_path / "out")]) == 2
     assert "not installed" in capsys.readouterr().err
+
+
+def test_measure_interleaves_cases_and_skips_the_first_call_of_each_block():
+    from pyengine.benchmarking import measure
+
+    calls = []
+    cases = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    timings = measure(cases, repeats=4, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 4  # warm-up, then round-robin
+    assert timings["a"].samples == timings["b"].samples == 4
+    calls.clear()
+    timings = measure(cases, repeats=4, warmup=1, block=3)
+    # blocks of three calls, the first of each untimed: two rounds give four timed calls
+    assert calls == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2
+    assert timings["a"].samples == timings["b"].samples == 4
