@@ -336,37 +336,49 @@ def _lce_setup_context(ctx, inputs, output):
     (hidden, weight, bias, target, class_weight, sample_weight, ignore_index, ls, gamma, z_loss,
      reduction, compute_grad, _count, chunk_size) = inputs
     _, lse, correct, grad_h, grad_w, grad_b = output
-    ctx.fused = bool(compute_grad)
     ctx.has_bias = bias is not None
     ctx.options = (ignore_index, ls, gamma, z_loss, reduction, chunk_size)
-    if ctx.fused:
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-    else:
-        ctx.save_for_backward(hidden, weight, bias, target, class_weight, sample_weight, lse)
+    # What the recomputing backward needs (references to tensors that exist anyway).
+    ctx.save_for_backward(hidden, weight, bias, target, class_weight, sample_weight, lse)
+    # The fused forward's gradients, for the first backward only (see _lce_backward). Kept as an
+    # attribute, not a saved tensor: once handed on they may become .grad and change in place.
+    ctx.forward_grads = (grad_h, grad_w, grad_b) if compute_grad else None
     ctx.mark_non_differentiable(lse, correct, grad_h, grad_w, grad_b)
     ctx.set_materialize_grads(False)  # no zero-filled [N,H] and [V,H] for the unused outputs
+
+
+def _is_plain_one(grad_loss: torch.Tensor) -> bool:
+    """Whether grad_loss is a real CPU scalar equal to 1 (a plain loss.backward()) in a backward
+    that builds no graph of its own."""
+    return (
+        type(grad_loss) is torch.Tensor  # not a fake or functional tensor being traced
+        and grad_loss.device.type == "cpu"
+        and grad_loss.numel() == 1
+        and not torch.is_grad_enabled()  # create_graph=True differentiates through grad_loss
+        and not torch.compiler.is_compiling()
+        and grad_loss.item() == 1.0
+    )
 
 
 def _lce_backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
         return (None,) * 14
-    if ctx.fused:
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        # Scaled into new tensors even for grad_loss == 1: handing on the saved ones would let
-        # AccumulateGrad adopt them as .grad, and an in-place change of that .grad (clipping)
-        # would then break a second backward through a retained graph.
-        g = grad_loss.to(grad_h.dtype)
-        grad_h, grad_w = grad_h * g, grad_w * g
-        grad_b = grad_b * g if ctx.has_bias else None
-    else:
+    grads, ctx.forward_grads = ctx.forward_grads, None
+    if grads is not None:
+        # The first backward uses the gradients the fused forward computed, and lets go of them:
+        # for a plain loss.backward() they are final and are handed on as they are (no scaling
+        # pass over a [V,H] tensor), so AccumulateGrad may adopt them as .grad.
+        if not _is_plain_one(grad_loss):
+            g = grad_loss.to(grads[0].dtype)
+            grads = tuple(t * g for t in grads)
+        grad_h, grad_w, grad_b = grads
+    else:  # not fused, or a second backward through a retained graph: recompute
         hidden, weight, bias, target, class_weight, sample_weight, lse = ctx.saved_tensors
         grad_h, grad_w, grad_b = native("linear_cross_entropy_backward")(
             grad_loss, hidden, weight, bias, target, class_weight, sample_weight, lse,
             *ctx.options,
         )
-        if not ctx.has_bias:
-            grad_b = None
-    return (grad_h, grad_w, grad_b) + (None,) * 11
+    return (grad_h, grad_w, grad_b if ctx.has_bias else None) + (None,) * 11
 
 
 register_autograd("linear_cross_entropy_forward", _lce_backward, _lce_setup_context)
