@@ -5,9 +5,12 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
+#include <pthread.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <new>
 #include <unordered_map>
 #include <vector>
 
@@ -54,7 +57,13 @@ class RecentBlockAllocator final : public c10::Allocator {
   };
 
   static Pool& pool() {
-    static Pool* p = new Pool();  // never destroyed: tensors may be freed at exit
+    static Pool* p = [] {
+      // A fork while another thread holds the lock (a tensor being freed) would leave the
+      // child's copy locked for good: hold it across fork, and give the child a fresh one.
+      pthread_atfork([] { pool().mutex.lock(); }, [] { pool().mutex.unlock(); },
+                     [] { new (&pool().mutex) std::mutex(); });
+      return new Pool();  // never destroyed: tensors may be freed at exit
+    }();
     return *p;
   }
 

@@ -397,3 +397,29 @@ def test_gradients_from_reused_blocks_are_ordinary_tensors():
     torch.testing.assert_close(torch.load(buffer, weights_only=True), again[3], rtol=0, atol=0)
     again[4].share_memory_()  # in place, on the allocator's own storage
     assert again[4].is_shared()
+
+
+def _lstm_step_in_child(queue):
+    torch.manual_seed(0)
+    lstm = pyengine.nn.LSTM(5, 16, num_layers=2)
+    lstm(torch.randn(40, 3, 5, requires_grad=True))[0].sum().backward()
+    queue.put(float(lstm.weight_hh_l0.grad.abs().sum()))
+
+
+def test_reusing_allocator_works_in_a_forked_child():
+    """Blocks freed before a fork, and the allocator's lock, are usable in the child."""
+    import multiprocessing
+
+    lstm = pyengine.nn.LSTM(5, 16, num_layers=2)
+    for _ in range(2):  # fill the allocator's free lists
+        lstm(torch.randn(40, 3, 5, requires_grad=True))[0].sum().backward()
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_lstm_step_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung")
+    assert child.exitcode == 0
+    assert queue.get(timeout=10) > 0
