@@ -34,6 +34,24 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
     torch.library.register_autograd(qualified(name), backward, setup_context=setup_context)
 
 
+def eager_function(op: str, setup_context, backward) -> type[torch.autograd.Function]:
+    """Op `op`'s registered autograd formula as a plain autograd.Function, for eager calls.
+
+    Old-style forward(ctx, ...): with a separate setup_context, Function.apply binds the
+    arguments through inspect.signature on every call; and the op is called below the
+    Autograd key, skipping the registered formula's Python wrapper (about 80 us a layer
+    call together, measured)."""
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = native(op)(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(f"_{op}_function", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 def register_cuda_kernel(name: str, kernel: Callable) -> None:
     """Register the Triton implementation of op `name` for CUDA tensors."""
     torch.library.register_kernel(qualified(name), "cuda", kernel)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from pyengine.ops._common import (
+    eager_function,
     native,
     register_autograd,
     register_cuda_kernel,
@@ -172,10 +173,12 @@ def cross_entropy(
     w = _check_weight(weight, "weight", C, x)
     s = _check_sample_weight(sample_weight, target_shape, x)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _, _ = native("cross_entropy_forward")(
-        x, target.reshape(-1), w, s, ignore_index, float(label_smoothing), float(gamma),
-        float(z_loss), code, compute_grad,
-    )
+    args = (x, target.reshape(-1), w, s, ignore_index, float(label_smoothing), float(gamma),
+            float(z_loss), code, compute_grad)
+    if compute_grad and not torch.compiler.is_compiling():
+        loss, _, _ = _CrossEntropyFunction.apply(*args)
+    else:
+        loss, _, _ = native("cross_entropy_forward")(*args)
     if code == 0:
         loss = loss.reshape(target_shape)
     return loss.to(logits.dtype)
@@ -227,6 +230,7 @@ def _ce_backward(ctx, grad_loss, _grad_lse, _grad_grad):
 
 
 register_autograd("cross_entropy_forward", _ce_backward, _ce_setup_context)
+_CrossEntropyFunction = eager_function("cross_entropy_forward", _ce_setup_context, _ce_backward)
 
 
 # ---- linear_cross_entropy ------------------------------------------------------------------------
@@ -295,10 +299,12 @@ def linear_cross_entropy(
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     compute_grad = needs_grad and code != 0
-    loss, _, correct, _, _, _ = native("linear_cross_entropy_forward")(
-        h, W, b, target.reshape(-1), cw, s, ignore_index, float(label_smoothing), float(gamma),
-        float(z_loss), code, compute_grad, bool(return_correct), chunk_size,
-    )
+    args = (h, W, b, target.reshape(-1), cw, s, ignore_index, float(label_smoothing),
+            float(gamma), float(z_loss), code, compute_grad, bool(return_correct), chunk_size)
+    if needs_grad and not torch.compiler.is_compiling():
+        loss, _, correct, _, _, _ = _LinearCrossEntropyFunction.apply(*args)
+    else:
+        loss, _, correct, _, _, _ = native("linear_cross_entropy_forward")(*args)
     if code == 0:
         loss = loss.reshape(target_shape)
     loss = loss.to(hidden.dtype)
@@ -382,6 +388,9 @@ def _lce_backward(ctx, grad_loss, *_unused):
 
 
 register_autograd("linear_cross_entropy_forward", _lce_backward, _lce_setup_context)
+_LinearCrossEntropyFunction = eager_function(
+    "linear_cross_entropy_forward", _lce_setup_context, _lce_backward
+)
 
 if torch.version.cuda is not None and triton_available():  # a CUDA build of torch
     from pyengine.kernels import cross_entropy as _triton_ce

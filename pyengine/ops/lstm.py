@@ -18,6 +18,7 @@ from pyengine.ops._common import (
     check_same_device_and_dtype,
     check_shape,
     check_tensor,
+    eager_function,
     native,
     register_autograd,
     register_cuda_kernel,
@@ -419,24 +420,6 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
 register_autograd("lstm_layer_forward", _backward, _setup_context)
 
 
-def _eager_function(op: str, setup_context, backward) -> type[torch.autograd.Function]:
-    """Op `op`'s registered autograd formula as a plain autograd.Function, for eager calls.
-
-    Old-style forward(ctx, ...): with a separate setup_context, Function.apply binds the
-    arguments through inspect.signature on every call; and the op is called below the
-    Autograd key, skipping the registered formula's Python wrapper (about 80 us a layer
-    call together, measured)."""
-
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = native(op)(*args)
-        setup_context(ctx, args, output)
-        return output
-
-    return type(f"_{op}_function", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-
-
 def _or_empty(like: torch.Tensor, *grads):
     """The incoming gradients with None (an unused output) as an empty tensor, as the backward
     ops take them."""
@@ -444,7 +427,7 @@ def _or_empty(like: torch.Tensor, *grads):
     return [g if g is not None else empty for g in grads]
 
 
-_LayerFunction = _eager_function("lstm_layer_forward", _setup_context, _backward)
+_LayerFunction = eager_function("lstm_layer_forward", _setup_context, _backward)
 
 
 
@@ -471,7 +454,7 @@ register_autograd(
 )
 
 
-_EmbeddingLayerFunction = _eager_function(
+_EmbeddingLayerFunction = eager_function(
     "embedding_lstm_layer_forward", _embedding_setup_context, _embedding_backward
 )
 
@@ -511,7 +494,7 @@ register_autograd("lstm_stack_forward", _stack_backward, _stack_setup_context)
 
 
 class _StackFunction(torch.autograd.Function):
-    """The registered formula of lstm_stack_forward for eager calls (see _eager_function), with
+    """The registered formula of lstm_stack_forward for eager calls (see eager_function), with
     the weights as separate arguments."""
 
     @staticmethod
