@@ -29,13 +29,19 @@ from pyengine.ops._common import (
 LayerWeights = tuple  # (w_ih, w_hh, b_ih | None, b_hh | None, w_hr | None)
 
 
-def _validate_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) -> None:
+def _sequence_dims(input: torch.Tensor) -> tuple[int, int, int]:
+    """(T, N, I) of a time-major input, which must hold at least one step."""
     check_tensor(input, "input", ndim=3)
-    check_tensor(w_ih, "w_ih", ndim=2)
-    check_tensor(w_hh, "w_hh", ndim=2)
     T, N, I = input.shape
     if T == 0:
         raise ValueError(f"input must have at least one time step, got shape {tuple(input.shape)}")
+    return T, N, I
+
+
+def _validate_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) -> None:
+    T, N, I = _sequence_dims(input)
+    check_tensor(w_ih, "w_ih", ndim=2)
+    check_tensor(w_hh, "w_hh", ndim=2)
     if w_ih.shape[0] % 4 != 0 or w_ih.shape[0] == 0:
         raise ValueError(f"w_ih must have 4*hidden_size rows, got shape {tuple(w_ih.shape)}")
     H = w_ih.shape[0] // 4
@@ -271,12 +277,9 @@ def lstm_stack(
     input: [T,N,I]  h0, c0: [L,N,H]  weights: L tuples (w_ih, w_hh, b_ih, b_hh, None).
     Returns output [T,N,H], h_n [L,N,H], c_n [L,N,H].
     """
-    check_tensor(input, "input", ndim=3)
+    T, N, I = _sequence_dims(input)
     check_tensor(h0, "h0", ndim=3)
     check_tensor(c0, "c0", ndim=3)
-    T, N, I = input.shape
-    if T == 0:
-        raise ValueError(f"input must have at least one time step, got shape {tuple(input.shape)}")
     L = len(weights)
     H = weights[0][1].shape[1] if weights and weights[0][1].dim() == 2 else 0
     check_shape(h0, "h0", (L, N, H))

@@ -1,14 +1,12 @@
 """The fused LSTM layer op against its float64 reference (CPU C++ kernel)."""
 
 import importlib
-import io
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pyengine
 from pyengine import ops
 from pyengine.ops import reference
 from pyengine.testing import assert_matches_reference, check_opcheck, noncontiguous
@@ -361,65 +359,3 @@ def test_saved_activations_from_reused_blocks_do_not_alias(kernel_path):
     for k, c, a in zip(kept, kept_copy, again):
         torch.testing.assert_close(k, c, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=0, atol=0)
-
-
-def test_gradients_from_reused_blocks_are_ordinary_tensors():
-    """Weight and input gradients come from the reusing allocator too: kept gradients are never
-    overwritten by later steps, and .grad can be resized, shared and saved like any tensor."""
-    torch.manual_seed(0)
-    lstm = pyengine.nn.LSTM(5, 16, num_layers=2)
-    x = torch.randn(40, 3, 5, requires_grad=True)
-
-    def grads():
-        lstm.zero_grad(set_to_none=True)
-        x.grad = None
-        lstm(x)[0].square().sum().backward()
-        return [x.grad] + [p.grad for p in lstm.parameters()]
-
-    kept = grads()
-    kept_copy = [g.clone() for g in kept]
-    for _ in range(3):  # each step frees its gradients for the next to reuse
-        grads()
-    again = grads()
-    for k, c, a in zip(kept, kept_copy, again):
-        torch.testing.assert_close(k, c, rtol=0, atol=0)
-        torch.testing.assert_close(a, c, rtol=0, atol=0)
-        assert k.data_ptr() != a.data_ptr()
-    grad = again[1]
-    values = grad.clone()
-    grad.resize_(grad.numel() * 3)  # a resizable storage: its contents are kept
-    torch.testing.assert_close(grad[: values.numel()], values.flatten(), rtol=0, atol=0)
-    shared = again[2].clone().share_memory_()
-    assert shared.is_shared()
-    buffer = io.BytesIO()
-    torch.save(again[3], buffer)
-    buffer.seek(0)
-    torch.testing.assert_close(torch.load(buffer, weights_only=True), again[3], rtol=0, atol=0)
-    again[4].share_memory_()  # in place, on the allocator's own storage
-    assert again[4].is_shared()
-
-
-def _lstm_step_in_child(queue):
-    torch.manual_seed(0)
-    lstm = pyengine.nn.LSTM(5, 16, num_layers=2)
-    lstm(torch.randn(40, 3, 5, requires_grad=True))[0].sum().backward()
-    queue.put(float(lstm.weight_hh_l0.grad.abs().sum()))
-
-
-def test_reusing_allocator_works_in_a_forked_child():
-    """Blocks freed before a fork, and the allocator's lock, are usable in the child."""
-    import multiprocessing
-
-    lstm = pyengine.nn.LSTM(5, 16, num_layers=2)
-    for _ in range(2):  # fill the allocator's free lists
-        lstm(torch.randn(40, 3, 5, requires_grad=True))[0].sum().backward()
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_lstm_step_in_child, args=(queue,))
-    child.start()
-    child.join(timeout=120)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked child hung")
-    assert child.exitcode == 0
-    assert queue.get(timeout=10) > 0
