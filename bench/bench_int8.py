@@ -7,10 +7,8 @@ One process run. Cases per M: float32 F.linear (MKL/oneDNN sgemm); ours, act="dy
 (W8A8, fused per-row quantization, int32 accumulation and dequant epilogue; weight prepacked);
 ours, act="none" (weight-only); torch.ao.quantization.quantize_dynamic on the same nn.Linear
 (fbgemm/onednn W8A8); torch.compile of the eager weight-only formula (dequantize, F.linear; full
-runs only). Then the int8 LSTM kernel (pyengine.nn.QuantizedLSTM, W8A8 and weight-only) against
-torch.nn.LSTM and our float LSTM, on a sequence and on one decoding step, and greedy generation
-tokens/s of an LSTMLanguageModel, float against pyengine.quantize(model). On CUDA (--device cuda)
-also our Triton kernel against cuBLAS:
+runs only). (The int8 LSTM kernel has its own script, bench/bench_int8_lstm.py.) On CUDA
+(--device cuda) also our Triton kernel against cuBLAS:
 F.linear in float32 and bfloat16, torch._int_mm + dequant. Scaling: ours (dynamic) against
 float32 F.linear, time against M. The full run writes the int8 sections of bench/RESULTS.md.
 """
@@ -166,76 +164,6 @@ def bench_cuda(Ms, K, N, repeats):
     return rows
 
 
-def bench_generation(quick):
-    """Greedy decoding tokens/s of an LSTM LM, float32 against pyengine.quantize(model)."""
-    torch.manual_seed(0)
-    cfg = dict(embed_dim=64, hidden_size=128) if quick else dict(embed_dim=256, hidden_size=1024)
-    model = pyengine.LSTMLanguageModel(256, num_layers=2, **cfg).eval()
-    models = {"float32 model": model, "pyengine.quantize(model)": pyengine.quantize(
-        model, inplace=False)}
-    steps = 16 if quick else 128
-
-    def run(m):
-        tokens = torch.tensor([[65]])
-        state = None
-        with torch.no_grad():
-            for _ in range(steps):
-                logits, state = m(tokens, state)
-                tokens = logits[:, -1:].argmax(-1)
-
-    times = measure({name: (lambda m=m: run(m)) for name, m in models.items()},
-                    repeats=2 if quick else 7, warmup=1)
-    base = times["float32 model"].median
-    return [
-        {
-            "case": f"generation H={cfg['hidden_size']}",
-            "impl": name,
-            "layers": 2,
-            "tokens/s": f"{steps / t.median:.0f}",
-            "speedup vs float32": speedup(base, t.median),
-        }
-        for name, t in times.items()
-    ]
-
-
-def bench_lstm_layers(quick):
-    """Inference of a 2-layer LSTM (pyengine.nn.QuantizedLSTM: the int8 LSTM kernel) against
-    the float32 LSTMs, on a whole sequence (prefill) and on one step (decoding)."""
-    H = 128 if quick else 1024
-    shapes = [("sequence", 8, 4), ("one step", 1, 1)] if quick else [
-        ("sequence", 64, 32), ("one step", 1, 1)]
-    torch.manual_seed(0)
-    ours = pyengine.nn.LSTM(H, H, 2).eval()
-    ref = torch.nn.LSTM(H, H, 2).eval()
-    ref.load_state_dict(ours.state_dict())
-    models = {
-        "torch.nn.LSTM float32": ref,
-        "pyengine LSTM float32": ours,
-        "QuantizedLSTM int8 dynamic": pyengine.nn.QuantizedLSTM.from_float(ours),
-        "QuantizedLSTM int8 weight-only": pyengine.nn.QuantizedLSTM.from_float(ours, act="none"),
-    }
-    rows = []
-    for label, T, N in shapes:
-        x = torch.randn(T, N, H)
-        with torch.no_grad():
-            want = ref(x)[0]
-            times = measure({name: (lambda m=m, x=x: m(x)) for name, m in models.items()},
-                            repeats=3 if quick else 15, warmup=1 if quick else 3)
-            errors = {name: float((m(x)[0] - want).abs().max()) for name, m in models.items()}
-        base = times["torch.nn.LSTM float32"].median
-        flops = 2 * T * N * 2 * (4 * H) * (2 * H)  # 2 layers, input + recurrent matmuls
-        for name, t in times.items():
-            rows.append({
-                "case": f"LSTM {label} (H={H}, T={T}, N={N}, 2 layers)",
-                "impl": name,
-                "median ms": f"{t.median * 1e3:.3f}",
-                "speedup vs float32": speedup(base, t.median),
-                "GOP/s": f"{flops / t.median / 1e9:.1f}",
-                "max abs err": f"{errors[name]:.2e}",
-            })
-    return rows
-
-
 def sweep(quick, device):
     """Ours (int8 dynamic) against float32 F.linear: time against M (rows of x)."""
     K = N = 256 if quick else 4096
@@ -293,14 +221,8 @@ def main(argv=None) -> int:
         "max abs err",
     ]
     table = markdown_table(rows, cols)
-    lstm_rows = bench_lstm_layers(args.quick)
-    lstm_table = markdown_table(
-        lstm_rows, ["case", "impl", "median ms", "speedup vs float32", "GOP/s", "max abs err"]
-    )
-    gen = bench_generation(args.quick)
-    gen_table = markdown_table(gen, ["case", "impl", "layers", "tokens/s", "speedup vs float32"])
     print(", ".join(f"{k}: {v}" for k, v in info.items()))
-    print(f"\n{SPEEDUP_NOTE}\n\n{table}\n\n{lstm_table}\n\n{gen_table}")
+    print(f"\n{SPEEDUP_NOTE}\n\n{table}")
     cuda_rows = []
     if args.device == "cuda" and torch.cuda.is_available():
         cuda_rows = bench_cuda(Ms, K, N, repeats)
@@ -325,15 +247,13 @@ def main(argv=None) -> int:
         write_results_section(
             RESULTS,
             "int8-cpu",
-            header + table + "\n\nInt8 LSTM (inference; speedup vs torch.nn.LSTM float32; "
-            "max abs err of the output against it):\n\n" + lstm_table + "\n\nGreedy generation, "
-            "batch 1:\n\n" + gen_table + "\n\nScaling:\n\n" + sweep_table,
+            header + table + "\n\nScaling:\n\n" + sweep_table,
         )
     if args.json:
         save_rows_json(
             args.json,
             f"int8-{args.device}",
-            rows + lstm_rows + gen + cuda_rows,
+            rows + cuda_rows,
             info,
             case_key="case",
             impl_key="impl",
