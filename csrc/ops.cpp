@@ -32,6 +32,11 @@ TORCH_LIBRARY(pyengine, m) {
   m.def(
       "lstm_stack_forward(Tensor input, Tensor h0, Tensor c0, Tensor[] weights, bool has_bias) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)");
+  // lstm_stack_forward's first three results with the derivative attached in C++ (CPU; see
+  // csrc/cpu/lstm_stack_autograd.cpp): the eager path, free of Python between the two ops.
+  m.def(
+      "lstm_stack(Tensor input, Tensor h0, Tensor c0, Tensor[] weights, bool has_bias) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n)");
   // grad_weights: per layer grad_w_ih, grad_w_hh and (has_bias) the bias gradient (b_ih's and
   // b_hh's alike). grad_input is empty unless compute_input_grad.
   m.def(

@@ -303,6 +303,8 @@ def lstm_stack(
     check_same_device_and_dtype(named)
     if torch.compiler.is_compiling():
         output, h_n, c_n, _ = native("lstm_stack_forward")(input, h0, c0, flat, has_bias)
+    elif torch.is_grad_enabled() and input.device.type == "cpu":
+        output, h_n, c_n = native("lstm_stack")(input, h0, c0, flat, has_bias)
     elif torch.is_grad_enabled():
         output, h_n, c_n = _StackFunction.apply(input, h0, c0, has_bias, *flat)
     else:
@@ -323,6 +325,12 @@ def _lstm_stack_forward_fake(input, h0, c0, weights, has_bias):
     for layer in range(L):
         saved += [new(T, N, 4 * H), new(T, N, H)] + ([new(T, N, H)] if layer < L - 1 else [])
     return new(T, N, H), new(L, N, H), new(L, N, H), saved
+
+
+@register_fake("lstm_stack")
+def _lstm_stack_fake(input, h0, c0, weights, has_bias):
+    output, h_n, c_n, _ = _lstm_stack_forward_fake(input, h0, c0, weights, has_bias)
+    return output, h_n, c_n
 
 
 @register_fake("lstm_stack_backward")
