@@ -199,6 +199,17 @@ def test_bad_input_names_the_argument(make, error, match):
         ours(x, hx)
 
 
+def test_weights_of_another_dtype_are_named_not_run():
+    """The plain-stack fast path compares every weight's dtype with the input's; a mismatch
+    goes to the general path, which names the weight."""
+    ours = LSTM(5, 6, num_layers=2)
+    ours.weight_hh_l1.data = ours.weight_hh_l1.data.double()
+    with pytest.raises(TypeError, match="w_hh"):
+        ours(torch.randn(4, 3, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        LSTM(5, 6).double()(torch.randn(4, 3, 5))
+
+
 def test_mixed_devices_raise():
     ours = LSTM(5, 6).to("meta")
     with pytest.raises(ValueError, match="device"):

@@ -301,6 +301,16 @@ def lstm_stack(
             named[f"b_ih (layer {layer})"] = b_ih
             named[f"b_hh (layer {layer})"] = b_hh
     check_same_device_and_dtype(named)
+    return run_stack(input, h0, c0, flat, has_bias)
+
+
+def run_stack(
+    input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, flat: list[torch.Tensor],
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lstm_stack once its arguments are known to be valid: flat holds per layer w_ih, w_hh
+    and (has_bias) b_ih, b_hh. Eager CPU calls with autograd take the op whose derivative is
+    attached in C++; torch.compile traces lstm_stack_forward with its registered formula."""
     if torch.compiler.is_compiling():
         output, h_n, c_n, _ = native("lstm_stack_forward")(input, h0, c0, flat, has_bias)
     elif torch.is_grad_enabled() and input.device.type == "cpu":
