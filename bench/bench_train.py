@@ -6,6 +6,8 @@
 
 One step = embedding -> 2-layer LSTM -> vocabulary head with the mean cross-entropy ->
 backward -> clip the global gradient norm to 1 -> Adam step -> zero_grad(set_to_none=True).
+The optimizer is not ours and is the same on both sides: PyTorch's fused Adam (its fastest,
+and what pyengine's Trainer uses by default).
   pyengine  LSTMLanguageModel with pyengine.nn.LSTM, the model's fused `targets=` loss path
             (pyengine.ops.linear_cross_entropy: the [B,T,V] logits are never held) and
             pyengine.clip_grad_norm_
@@ -56,6 +58,7 @@ from pyengine.benchmarking import (
     write_results_section,
 )
 from pyengine.models import LSTMLanguageModel
+from pyengine.train.optimizers import adam
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 IMPLS = ["pyengine", "torch"]
@@ -109,7 +112,7 @@ def make_batches(size, device):
 def step_fn(impl, model, batches):
     """A closure doing one full training step per call, cycling through `batches`."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-3)
+    opt = adam(params, lr=1e-3, decoupled=False)  # fused: the same optimizer on both sides
     vocab = model.head.out_features
     counter = [0]
     losses = []

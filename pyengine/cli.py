@@ -23,6 +23,7 @@ import pyengine
 from pyengine.data import ByteTokenizer, batchify, default_corpus, iterate_bptt
 from pyengine.generate import generate
 from pyengine.models import LSTMLanguageModel
+from pyengine.train.optimizers import adam
 
 
 def _int_at_least(low: int, what: str) -> Callable[[str], int]:
@@ -105,7 +106,7 @@ class _LMTrainer:
 
     def __init__(self, model: LSTMLanguageModel, lr: float = 3e-3, fused: bool = False) -> None:
         self.model = model.train()
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.optimizer = adam(model.parameters(), lr=lr, decoupled=False)
         self.fused = fused
         self.state = None
         self.losses: list[float] = []

@@ -27,6 +27,7 @@ from torch import nn
 from pyengine.train import metrics as M
 from pyengine.train.callbacks import Callback, EarlyStopping, reduce_on_plateau, warmup_cosine
 from pyengine.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyengine.train.optimizers import adam
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -99,22 +100,22 @@ class Trainer:
 
     model: an nn.Module returning (logits, state) for language modelling or logits for
     classification. optimizer: an instance, or None for AdamW(lr, weight_decay) (L2 through
-    weight decay). scheduler: None, "warmup_cosine" (with warmup_steps), "plateau"
-    (reduce-on-plateau on `monitor`), a scheduler instance or a callable(optimizer) ->
-    scheduler. loss_fn: any callable(logits [N, C], target [N]) (default
-    torch.nn.CrossEntropyLoss; see `pyengine.train.make_loss` for ours, focal, class weights,
-    label smoothing). When the model has a fused loss path (`forward(x, state, targets=)`, as
-    LSTMLanguageModel: the vocabulary head and the loss in one op, logits never held) and the
-    loss is plain cross-entropy / focal with nothing that path cannot express (and no mixed
-    precision), language-model training steps go through it. accumulation_steps micro-batches
-    are summed and normalised by the real number of target tokens (or summed class weights) over
-    all of them, so the gradient equals one big batch's. grad_clip: max global norm, clipped
-    through pyengine's kernel when available; per-parameter gradient norms go to the logs when
-    log_grad_norms. l1 adds l1 * sum|w| over trainable weights. mixed_precision: autocast
-    (bfloat16 on CPU, float16 + GradScaler on CUDA) where the device supports it. output_dir
-    gets checkpoints (last.pt, best.pt), metrics.jsonl and TensorBoard event files;
-    checkpoint_every N optimizer steps (and at each epoch end). fit(resume=True) continues
-    exactly from output_dir/last.pt.
+    weight decay; PyTorch's fused implementation where the parameters allow it). scheduler:
+    None, "warmup_cosine" (with warmup_steps), "plateau" (reduce-on-plateau on `monitor`), a
+    scheduler instance or a callable(optimizer) -> scheduler. loss_fn: any callable(logits
+    [N, C], target [N]) (default torch.nn.CrossEntropyLoss; see `pyengine.train.make_loss` for
+    ours, focal, class weights, label smoothing). When the model has a fused loss path
+    (`forward(x, state, targets=)`, as LSTMLanguageModel: the vocabulary head and the loss in
+    one op, logits never held) and the loss is plain cross-entropy / focal with nothing that
+    path cannot express (and no mixed precision), language-model training steps go through it.
+    accumulation_steps micro-batches are summed and normalised by the real number of target
+    tokens (or summed class weights) over all of them, so the gradient equals one big batch's.
+    grad_clip: max global norm, clipped through pyengine's kernel when available; per-parameter
+    gradient norms go to the logs when log_grad_norms. l1 adds l1 * sum|w| over trainable
+    weights. mixed_precision: autocast (bfloat16 on CPU, float16 + GradScaler on CUDA) where the
+    device supports it. output_dir gets checkpoints (last.pt, best.pt), metrics.jsonl and
+    TensorBoard event files; checkpoint_every N optimizer steps (and at each epoch end).
+    fit(resume=True) continues exactly from output_dir/last.pt.
     """
 
     def __init__(
@@ -146,9 +147,7 @@ class Trainer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.ddp_model = nn.parallel.DistributedDataParallel(model) if self.distributed else None
-        self.optimizer = optimizer or torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=lr,
-            weight_decay=weight_decay)
+        self.optimizer = optimizer or adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         self._scheduler_spec, self.warmup_steps = scheduler, warmup_steps
         self.scheduler = None
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
