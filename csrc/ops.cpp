@@ -33,7 +33,7 @@ TORCH_LIBRARY(pyengine, m) {
       "lstm_stack_forward(Tensor input, Tensor h0, Tensor c0, Tensor[] weights, bool has_bias) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)");
   // lstm_stack_forward's first three results with the derivative attached in C++ (CPU; see
-  // csrc/cpu/lstm_stack_autograd.cpp): the eager path, free of Python between the two ops.
+  // csrc/cpu/lstm_autograd.cpp): the eager path, free of Python between the two ops.
   m.def(
       "lstm_stack(Tensor input, Tensor h0, Tensor c0, Tensor[] weights, bool has_bias) "
       "-> (Tensor output, Tensor h_n, Tensor c_n)");
@@ -54,6 +54,11 @@ TORCH_LIBRARY(pyengine, m) {
       "embedding_lstm_layer_forward(Tensor tokens, Tensor table, Tensor h0, Tensor c0, "
       "Tensor w_hh, bool reverse) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  // embedding_lstm_layer_forward's first three results with the derivative attached in C++
+  // (CPU; csrc/cpu/lstm_autograd.cpp), as lstm_stack.
+  m.def(
+      "embedding_lstm_layer(Tensor tokens, Tensor table, Tensor h0, Tensor c0, Tensor w_hh, "
+      "bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
   // grad_table [V,4H]: row v sums the gate gradients of every position holding token v.
   m.def(
       "embedding_lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "

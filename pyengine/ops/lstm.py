@@ -155,6 +155,8 @@ def embedding_lstm_layer(
     args = (tokens, table, h0, c0, w_hh, reverse)
     if torch.compiler.is_compiling():
         output, h_n, c_n, _, _ = native("embedding_lstm_layer_forward")(*args)
+    elif torch.is_grad_enabled() and table.device.type == "cpu":
+        output, h_n, c_n = native("embedding_lstm_layer")(*args)
     elif torch.is_grad_enabled():
         output, h_n, c_n, _, _ = _EmbeddingLayerFunction.apply(*args)
     else:
@@ -390,6 +392,11 @@ def _embedding_lstm_layer_forward_fake(tokens, table, h0, c0, w_hh, reverse):
     H = table.shape[1] // 4
     new = table.new_empty
     return new(T, N, H), new(N, H), new(N, H), new(T, N, 4 * H), new(T, N, H)
+
+
+@register_fake("embedding_lstm_layer")
+def _embedding_lstm_layer_fake(tokens, table, h0, c0, w_hh, reverse):
+    return _embedding_lstm_layer_forward_fake(tokens, table, h0, c0, w_hh, reverse)[:3]
 
 
 @register_fake("embedding_lstm_layer_backward")
