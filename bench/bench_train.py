@@ -325,7 +325,8 @@ def main(argv=None) -> int:
         + ", ".join(f"{k}: {v}" for k, v in info.items())
         + "\n\n"
         "One step: embedding, LSTM, vocabulary head + mean cross-entropy, backward, clip to "
-        "norm 1, Adam, zero_grad. pyengine: pyengine.nn.LSTM + the model's fused `targets=` "
+        "norm 1, Adam (PyTorch's fused implementation on both sides: not ours, and its "
+        "fastest), zero_grad. pyengine: pyengine.nn.LSTM + the model's fused `targets=` "
         "loss (logits never held) + pyengine.clip_grad_norm_; torch: torch.nn.LSTM + logits + "
         "F.cross_entropy + torch.nn.utils.clip_grad_norm_. Same weights, same batches, timed "
         f"alternating in one process in turns of {BLOCK} steps, the first of each turn not "
