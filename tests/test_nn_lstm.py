@@ -225,3 +225,34 @@ def test_bad_constructor_arguments(kwargs, match):
     args = dict(input_size=5, hidden_size=6) | kwargs
     with pytest.raises(ValueError, match=match):
         LSTM(**args)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(bidirectional=True), dict(proj_size=3)],
+                         ids=str)
+def test_double_backward_is_refused_not_zero(options):
+    """Our backward kernels are not differentiable: create_graph=True raises instead of giving
+    higher-order gradients that silently count the first gradients as constants."""
+    ours = LSTM(4, 6, num_layers=2, **options)
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    out = ours(x)[0]
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+    # A plain backward through the same graph still works afterwards.
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad.abs().sum() > 0
+
+
+def test_double_backward_is_refused_for_the_fused_loss():
+    hidden = torch.randn(6, 5, requires_grad=True)
+    weight = torch.randn(7, 5, requires_grad=True)
+    loss = pyengine.ops.linear_cross_entropy(hidden, weight, torch.randint(0, 7, (6,)))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+
+
+def test_double_backward_is_refused_for_the_embedding_fed_layer():
+    ours = LSTM(4, 16)
+    table = torch.randn(3, 4, requires_grad=True)
+    out = ours.forward_embedding(torch.randint(0, 3, (9, 2)), table)[0]
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), table, create_graph=True)

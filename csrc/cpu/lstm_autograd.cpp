@@ -61,6 +61,14 @@ const c10::TypedOperatorHandle<EmbeddingBackward>& embedding_backward_op() {
   return op;
 }
 
+// The backward ops are not differentiable themselves: a backward asked to build a graph
+// (create_graph=True, for higher-order gradients) is refused rather than answered with
+// gradients that silently count as constants.
+void refuse_double_backward(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "pyengine::", op, ": double backward "
+              "(create_graph=True) is not supported; torch.nn.LSTM supports it");
+}
+
 // An unused output's gradient (undefined: materialize_grads is off) as the empty tensor the
 // backward ops take for it.
 Tensor or_empty(const Tensor& grad, const Tensor& like) {
@@ -86,6 +94,7 @@ struct LstmStackFunction : public torch::autograd::Function<LstmStackFunction> {
   // One gradient per forward argument: input, h0, c0, each weight (b_ih and b_hh get the same
   // bias gradient), and none for has_bias.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward("lstm_stack");
     const variable_list stored = ctx->get_saved_variables();
     const int64_t n_weights = ctx->saved_data["n_weights"].toInt();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
@@ -131,6 +140,7 @@ struct EmbeddingLstmLayerFunction
 
   // Gradients of tokens (none), table, h0, c0, w_hh and reverse (none).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward("embedding_lstm_layer");
     const variable_list s = ctx->get_saved_variables();
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const Tensor& table = s[1];

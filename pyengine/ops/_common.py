@@ -48,8 +48,22 @@ def eager_function(op: str, setup_context, backward) -> type[torch.autograd.Func
         setup_context(ctx, args, output)
         return output
 
+    def checked_backward(ctx, *grads):
+        refuse_double_backward(op)
+        return backward(ctx, *grads)
+
     return type(f"_{op}_function", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                {"forward": staticmethod(forward), "backward": staticmethod(checked_backward)})
+
+
+def refuse_double_backward(op: str) -> None:
+    """Raise in an eager backward asked to build a graph (create_graph=True): our backward
+    kernels are not differentiable, and their results would otherwise count as constants,
+    giving higher-order gradients of zero without a word."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"pyengine::{op}: double backward (create_graph=True) is not supported"
+        )
 
 
 def register_cuda_kernel(name: str, kernel: Callable) -> None:

@@ -20,6 +20,7 @@ from pyengine.ops._common import (
     check_tensor,
     eager_function,
     native,
+    refuse_double_backward,
     register_autograd,
     register_cuda_kernel,
     register_fake,
@@ -539,6 +540,7 @@ class _StackFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
+        refuse_double_backward("lstm_stack_forward")
         grad_input, grad_h0, grad_c0, weight_grads = _stack_grads(
             ctx, grad_output, grad_h_n, grad_c_n
         )
