@@ -83,6 +83,9 @@ def _check_target_values(target: torch.Tensor, num_classes: int, ignore_index: i
     """Out-of-range targets raise ValueError (the kernels also bound-check every index)."""
     if target.numel() == 0 or torch.compiler.is_compiling():
         return
+    lo, hi = (int(v) for v in torch.aminmax(target))
+    if 0 <= lo and hi < num_classes:  # the usual case, in one pass
+        return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
         value = int(target[bad].flatten()[0])
