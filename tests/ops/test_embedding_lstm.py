@@ -1,8 +1,6 @@
 """The embedding-fed LSTM layer (input projection read from a per-vocabulary table) against its
 float64 reference, against torch.nn.LSTM over an embedding, and through the modules using it."""
 
-import importlib
-
 import pytest
 import torch
 
@@ -65,34 +63,6 @@ def test_opcheck(proj):
     args = make_args(3, 2, 5, 4, dtype=torch.float64)
     check_opcheck(FORWARD, args + [False])
     check_opcheck(FORWARD, args + [True])
-
-
-def test_cpp_autograd_entry_opcheck():
-    check_opcheck(torch.ops.pyengine.embedding_lstm_layer.default, make_args(4, 3, 5, 16) + [False])
-
-
-@pytest.mark.parametrize("case", ["all", "h_n only", "retained graph"])
-def test_cpp_autograd_entry_equals_the_python_formula(case, kernel_path):
-    """The eager CPU entry (derivative in C++) against the op's Python formula."""
-    lstm_ops = importlib.import_module("pyengine.ops.lstm")
-    tokens, table, h0, c0, w_hh = make_args(7, 5, 9, 16, seed=2)
-    leaves = [table, h0, c0, w_hh]
-    g_out = torch.randn(7, 5, 16)
-
-    def grads(run):
-        output, h_n, c_n = run()[:3]
-        loss = h_n.sum() if case == "h_n only" else (output * g_out).sum() + c_n.sum()
-        first = torch.autograd.grad(loss, leaves, retain_graph=case == "retained graph")
-        if case == "retained graph":
-            for a, b in zip(first, torch.autograd.grad(loss, leaves)):
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
-        return [output, h_n, c_n, *first]
-
-    args = (tokens, table, h0, c0, w_hh, False)
-    ours = grads(lambda: torch.ops.pyengine.embedding_lstm_layer.default(*args))
-    python = grads(lambda: lstm_ops._EmbeddingLayerFunction.apply(*args))
-    for a, b in zip(ours, python):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_input_names_the_argument():
