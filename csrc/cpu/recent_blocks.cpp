@@ -119,7 +119,13 @@ RecentBlockAllocator& allocator() {
 
 }  // namespace
 
+bool recent_blocks_enabled() {
+  const char* setting = std::getenv("PYENGINE_RECENT_BLOCKS");
+  return setting == nullptr || setting[0] != '0';
+}
+
 at::Tensor recent_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  if (!recent_blocks_enabled()) return at::empty(sizes, at::TensorOptions().dtype(dtype));
   return at::detail::empty_generic(sizes, &allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    dtype, std::nullopt);
 }

@@ -92,3 +92,24 @@ def test_cross_entropy_gradients_from_reused_blocks_stay_put():
     for grad, copy in kept:
         torch.testing.assert_close(grad, copy, rtol=0, atol=0)
     assert len({grad.data_ptr() for grad, _ in kept}) == len(kept)
+
+
+def test_switched_off_the_kernels_allocate_through_aten_with_the_same_results(monkeypatch):
+    """PYENGINE_RECENT_BLOCKS=0 (for memory checkers and the allocator's benchmark): the same
+    numbers, bit for bit, from ATen's allocator."""
+    torch.manual_seed(0)
+    lstm = pyengine.nn.LSTM(5, 16, num_layers=2)
+    x = torch.randn(40, 3, 5, requires_grad=True)
+
+    def step():
+        lstm.zero_grad(set_to_none=True)
+        x.grad = None
+        out = lstm(x)[0]
+        out.square().sum().backward()
+        return [out.detach(), x.grad] + [p.grad for p in lstm.parameters()]
+
+    reused = step()
+    monkeypatch.setenv("PYENGINE_RECENT_BLOCKS", "0")
+    plain = step()
+    for a, b in zip(reused, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,0 +1,135 @@
+"""The CPU kernels' output allocator (csrc/cpu/recent_blocks.cpp) against ATen's own.
+
+    python bench/bench_recent_blocks.py            # writes the recent-blocks section of RESULTS.md
+    python bench/bench_recent_blocks.py --quick    # tiny sizes, few repeats (a smoke run)
+
+The LSTM and cross-entropy kernels take their outputs, saved activations and gradients from an
+allocator that hands back the block freed last (still in cache) instead of whatever chunk
+malloc has free. PYENGINE_RECENT_BLOCKS=0 switches it off per call, so both settings run in one
+process, alternating in turns of BLOCK steps of which the first is not counted, medians. The
+cases are the training steps the allocator was written for: the small LSTM step of
+bench_lstm.py and the LM step of bench_train.py at the demo size. page faults: minor faults
+per step (getrusage), over every step of each setting after the warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+
+import torch
+
+import pyengine
+from pyengine.benchmarking import (
+    SPEEDUP_NOTE,
+    machine_info,
+    markdown_table,
+    measure,
+    save_rows_json,
+    speedup,
+    write_results_section,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_train  # noqa: E402  (the LM step and its sizes, shared with that benchmark)
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+SETTINGS = {"recent blocks": "1", "ATen allocator": "0"}
+BASELINE = "ATen allocator"
+BLOCK = 5
+
+
+def lstm_step(quick: bool):
+    """The 2-layer LSTM training step of bench_lstm.py's small shape (forward + backward)."""
+    hidden, batch, seq, inputs = (32, 4, 8, 16) if quick else (128, 8, 32, 256)
+    torch.manual_seed(0)
+    lstm = pyengine.nn.LSTM(inputs, hidden, 2)
+    x = torch.randn(seq, batch, inputs, requires_grad=True)
+    grad = torch.randn(seq, batch, hidden)
+
+    def step():
+        lstm(x)[0].backward(grad)
+
+    return f"LSTM train step (H={hidden}, N={batch}, T={seq})", step
+
+
+def lm_step(quick: bool):
+    """bench_train.py's full LM training step (pyengine side) at the demo size."""
+    size = bench_train.QUICK_SIZES["demo-tiny"] if quick else bench_train.SIZES["demo"]
+    models = bench_train.make_models(size, "cpu", ["pyengine"])
+    batches = bench_train.make_batches(size, "cpu")
+    step = bench_train.step_fn("pyengine", models["pyengine"], batches)
+    vocab, _, hidden, _, batch, seq = size
+    return f"LM train step (V={vocab}, H={hidden}, {batch}x{seq} tokens)", step
+
+
+def with_setting(step, value: str, faults: list[int]):
+    """step() run with PYENGINE_RECENT_BLOCKS=value, its minor page faults added to faults."""
+
+    def run():
+        os.environ["PYENGINE_RECENT_BLOCKS"] = value
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    return run
+
+
+def run(quick: bool) -> list[dict]:
+    rows = []
+    previous = os.environ.get("PYENGINE_RECENT_BLOCKS")
+    try:
+        for make in (lstm_step, lm_step):
+            case, step = make(quick)
+            faults = {name: [] for name in SETTINGS}
+            cases = {name: with_setting(step, value, faults[name])
+                     for name, value in SETTINGS.items()}
+            warmup = 2 if quick else 4
+            times = measure(cases, repeats=5 if quick else 40, warmup=warmup,
+                            block=1 if quick else BLOCK)
+            for name, t in times.items():
+                counted = faults[name][warmup:]
+                rows.append({
+                    "case": case,
+                    "allocator": name,
+                    "median ms": f"{t.median * 1e3:.2f}",
+                    "speedup vs ATen allocator": speedup(times[BASELINE].median, t.median),
+                    "page faults / step": f"{sum(counted) / len(counted):.1f}",
+                })
+    finally:
+        if previous is None:
+            os.environ.pop("PYENGINE_RECENT_BLOCKS", None)
+        else:
+            os.environ["PYENGINE_RECENT_BLOCKS"] = previous
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
+    args = parser.parse_args(argv)
+    info = machine_info("cpu")
+    rows = run(args.quick)
+    table = markdown_table(rows, list(rows[0]))
+    print(", ".join(f"{k}: {v}" for k, v in info.items()))
+    print(f"\n{SPEEDUP_NOTE}\n\n{table}")
+    if not args.quick:  # a quick smoke run never replaces the real table
+        header = (
+            "## Output allocator of the CPU kernels (recent blocks against ATen's)\n\n"
+            f"`python bench/bench_recent_blocks.py`; "
+            f"{', '.join(f'{k}: {v}' for k, v in info.items())}\n\n{SPEEDUP_NOTE} Both settings "
+            f"in one process (PYENGINE_RECENT_BLOCKS=1/0 per call), alternating in turns of "
+            f"{BLOCK} steps, the first of each turn not counted, medians.\n\n"
+        )
+        write_results_section(RESULTS, "recent-blocks-cpu", header + table)
+    if args.json:
+        save_rows_json(args.json, "recent-blocks-cpu", rows, info, case_key="case",
+                       impl_key="allocator", ratio_key="speedup vs ATen allocator")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
