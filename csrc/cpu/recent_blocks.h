@@ -6,7 +6,9 @@
 // megabytes of traffic, and a GEMM writing its output there stalls on every cache line it has to
 // fetch first: on the 2-core reference machine a [512,256] weight-gradient GEMM took 2x its
 // isolated time inside the step for that reason alone. The block freed last is the one most
-// likely still in cache.
+// likely still in cache. bench/bench_recent_blocks.py measures what it buys with the kernels as
+// they are now: page faults (45 against about 1,800 a demo-size LM step) but no step time
+// beyond the noise (0.95-1.04x).
 //
 // The tensors are ordinary CPU tensors: resizable (through this allocator), serialisable,
 // freeable from any thread. At most kRecentBlocksMaxBytes of free blocks are kept.
