@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -62,7 +62,9 @@ def cuda_build_possible() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-cxx_flags = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
+# No -std flag: torch's cpp_extension adds the standard its own headers need (C++20 from
+# torch 2.14 on; a hard-coded -std=c++17 fails to build there).
+cxx_flags = ["-O3", "-g0", "-fopenmp", "-Wall", "-Wno-unused-function"]
 if cpu_has_avx2():
     cxx_flags += ["-mavx2", "-mfma", "-mf16c"]
     if cpu_has_avx512():
@@ -92,16 +94,7 @@ else:
 os.environ.setdefault("MAX_JOBS", "2")
 
 setup(
-    packages=[
-        "pyengine",
-        "pyengine.ops",
-        "pyengine.nn",
-        "pyengine.models",
-        "pyengine.data",
-        "pyengine.kernels",
-        "pyengine.compress",
-    ],
-    package_dir={"pyengine": "pyengine", "pyengine.kernels": "kernels"},
+    packages=find_packages(include=["pyengine", "pyengine.*"]),
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

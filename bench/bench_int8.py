@@ -113,7 +113,6 @@ def cuda_cases(K, N):
     epilogue) against cuBLAS: F.linear in float32 and bfloat16, and torch._int_mm on the same
     int8 values followed by a separate dequant (only for M > 16, torch._int_mm's limit)."""
     from pyengine.kernels import int8 as triton_int8
-
     from pyengine.ops import int8_linear, quantize_per_channel
     from pyengine.ops.int8 import pack_weight
 

@@ -76,7 +76,7 @@ TORCH_LIBRARY(pyengine, m) {
   // tensors[i].clamp_(-clip_value, clip_value), NaN kept.
   m.def("clamp_grads_(Tensor(a!)[] tensors, float clip_value) -> ()");
 
-  // ---- cross-entropy family (csrc/cpu/cross_entropy.cpp, kernels/cross_entropy.py) ----------
+  // ---- cross-entropy family (csrc/cpu/cross_entropy.cpp, pyengine/kernels/cross_entropy.py) -
   // logits: [N,C]  target: int64 [N] (in [0,C) or ignore_index; anything else is an error)
   // weight: [C] class weights  sample_weight: [N]  reduction: 0 none, 1 mean, 2 sum
   // Per element: s * ((1-p_t)^gamma * smoothed_ce + z_loss * lse^2), 0 where ignored; mean
@@ -114,7 +114,7 @@ TORCH_LIBRARY(pyengine, m) {
       "int ignore_index, float label_smoothing, float gamma, float z_loss, int reduction, "
       "int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
-  // ---- int8 linear (csrc/cpu/int8.cpp, kernels/int8.py) --------------------------------------
+  // ---- int8 linear (csrc/cpu/int8.cpp, pyengine/kernels/int8.py) -------------------------------
   // qweight: int8 [N,K] (symmetric per-row quantized) -> the backend's packed layout (CPU: 1-D
   // panels of 16 columns x 4 k; CUDA: the [N,K] weight itself) and wsum int32 (per-column sums).
   m.def("int8_pack_weight(Tensor qweight) -> (Tensor packed, Tensor wsum)");
@@ -134,7 +134,7 @@ TORCH_LIBRARY(pyengine, m) {
       "Tensor scale_ih, Tensor packed_hh, Tensor wsum_hh, Tensor scale_hh, Tensor? bias, "
       "Tensor? packed_hr, Tensor? wsum_hr, Tensor? scale_hr, Tensor? batch_sizes, bool reverse, "
       "int act) -> (Tensor output, Tensor h_n, Tensor c_n)");
-  // ---- structured pruning (csrc/cpu/prune.cpp, kernels/prune.py) -----------------------------
+  // ---- structured pruning (csrc/cpu/prune.cpp, pyengine/kernels/prune.py) ---------------------
   // One score per unit from its whole weight group: weights[i] (1-D or 2-D) contributes along
   // dims[i], of size blocks[i]*units, index j -> unit j % units. kind: "l1" sum|w|,
   // "l2" sqrt(sum w^2), "taylor" sum|w*g| (grads beside weights; empty list otherwise).

@@ -1,7 +1,7 @@
 """Structured-pruning ops: per-unit importance scores and semi-structured N:M masks.
 
 Two native ops (schemas in csrc/ops.cpp; CPU kernels in csrc/cpu/prune.cpp, CUDA kernels in
-Triton, kernels/prune.py):
+Triton, pyengine/kernels/prune.py):
 
 - ``unit_importance(weights, dims, blocks=None, kind="l2", grads=None) -> Tensor [units]``:
   the score of every prunable unit, reducing the unit's whole weight group (all the tensors

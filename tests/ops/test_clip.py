@@ -1,4 +1,4 @@
-"""Gradient clipping (pyengine.nn.utils / csrc/cpu/clip.cpp / kernels/clip.py) against torch.
+"""Gradient clipping (pyengine.nn.utils, csrc/cpu/clip.cpp, pyengine/kernels/clip.py) vs torch.
 
 torch.nn.utils.clip_grad_norm_ and clip_grad_value_ are the oracle: the same total norm (same
 dtype, within the float rounding of the dtype: ours accumulates in float64 on CPU, torch in the
@@ -408,7 +408,6 @@ def test_scale_by_one_and_nan_coefficient():
 @pytest.fixture(scope="module")
 def triton_clip():
     from pyengine.kernels import clip as kernels
-
     from pyengine.testing import triton_interpreter_enabled
 
     assert kernels.is_available(), "triton is a dependency of pyengine"

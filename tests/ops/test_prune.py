@@ -1,4 +1,4 @@
-"""Pruning ops (csrc/cpu/prune.cpp, kernels/prune.py) against pyengine.ops.reference.
+"""Pruning ops (csrc/cpu/prune.cpp, pyengine/kernels/prune.py) against pyengine.ops.reference.
 
 unit_importance is checked per kind, dtype and slot layout (rows in gate blocks, columns, 1-D
 biases, prime sizes, non-contiguous tensors); nm_mask bitwise. The Triton kernels run under
