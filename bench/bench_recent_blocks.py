@@ -5,11 +5,11 @@
 
 The LSTM and cross-entropy kernels take their outputs, saved activations and gradients from an
 allocator that hands back the block freed last (still in cache) instead of whatever chunk
-malloc has free. PYENGINE_RECENT_BLOCKS=0 switches it off per call, so both settings run in one
-process, alternating in turns of BLOCK steps of which the first is not counted, medians. The
-cases are the training steps the allocator was written for: the small LSTM step of
-bench_lstm.py and the LM step of bench_train.py at the demo size. page faults: minor faults
-per step (getrusage), over every step of each setting after the warm-up.
+malloc has free. pyengine.backends.cpu.recent_blocks switches it per call, so both settings run
+in one process, alternating in turns of BLOCK steps of which the first is not counted, medians.
+The cases are the training steps the allocator was written for: the small LSTM step of
+bench_lstm.py and the LM step of bench_train.py at the demo and the large size. page faults:
+minor faults per step (getrusage), over every step of each setting after the warm-up.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # noqa: E402  (the LM step and its sizes, shared with that benchmark)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-SETTINGS = {"recent blocks": "1", "ATen allocator": "0"}
+SETTINGS = {"recent blocks": True, "ATen allocator": False}
 BASELINE = "ATen allocator"
 BLOCK = 5
 
@@ -55,9 +55,9 @@ def lstm_step(quick: bool):
     return f"LSTM train step (H={hidden}, N={batch}, T={seq})", step
 
 
-def lm_step(quick: bool):
-    """bench_train.py's full LM training step (pyengine side) at the demo size."""
-    size = bench_train.QUICK_SIZES["demo-tiny"] if quick else bench_train.SIZES["demo"]
+def lm_step(quick: bool, name: str = "demo"):
+    """bench_train.py's full LM training step (pyengine side) at one of its sizes."""
+    size = bench_train.QUICK_SIZES["demo-tiny"] if quick else bench_train.SIZES[name]
     models = bench_train.make_models(size, "cpu", ["pyengine"])
     batches = bench_train.make_batches(size, "cpu")
     step = bench_train.step_fn("pyengine", models["pyengine"], batches)
@@ -65,11 +65,16 @@ def lm_step(quick: bool):
     return f"LM train step (V={vocab}, H={hidden}, {batch}x{seq} tokens)", step
 
 
-def with_setting(step, value: str, faults: list[int]):
-    """step() run with PYENGINE_RECENT_BLOCKS=value, its minor page faults added to faults."""
+def lm_step_large(quick: bool):
+    """The same at bench_train.py's large size (V=32000, H=512)."""
+    return lm_step(quick, "large")
+
+
+def with_setting(step, value: bool, faults: list[int]):
+    """step() run with the allocator on (value) or off, its minor page faults added to faults."""
 
     def run():
-        os.environ["PYENGINE_RECENT_BLOCKS"] = value
+        pyengine.backends.cpu.recent_blocks = value
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -79,9 +84,9 @@ def with_setting(step, value: str, faults: list[int]):
 
 def run(quick: bool) -> list[dict]:
     rows = []
-    previous = os.environ.get("PYENGINE_RECENT_BLOCKS")
+    previous = pyengine.backends.cpu.recent_blocks
     try:
-        for make in (lstm_step, lm_step):
+        for make in (lstm_step, lm_step) if quick else (lstm_step, lm_step, lm_step_large):
             case, step = make(quick)
             faults = {name: [] for name in SETTINGS}
             cases = {name: with_setting(step, value, faults[name])
@@ -99,10 +104,7 @@ def run(quick: bool) -> list[dict]:
                     "page faults / step": f"{sum(counted) / len(counted):.1f}",
                 })
     finally:
-        if previous is None:
-            os.environ.pop("PYENGINE_RECENT_BLOCKS", None)
-        else:
-            os.environ["PYENGINE_RECENT_BLOCKS"] = previous
+        pyengine.backends.cpu.recent_blocks = previous
     return rows
 
 
@@ -121,7 +123,8 @@ def main(argv=None) -> int:
             "## Output allocator of the CPU kernels (recent blocks against ATen's)\n\n"
             f"`python bench/bench_recent_blocks.py`; "
             f"{', '.join(f'{k}: {v}' for k, v in info.items())}\n\n{SPEEDUP_NOTE} Both settings "
-            f"in one process (PYENGINE_RECENT_BLOCKS=1/0 per call), alternating in turns of "
+            f"in one process (pyengine.backends.cpu.recent_blocks switched per call), alternating "
+            f"in turns of "
             f"{BLOCK} steps, the first of each turn not counted, medians.\n\n"
         )
         write_results_section(RESULTS, "recent-blocks-cpu", header + table)

@@ -2,6 +2,7 @@
 
 from pyengine import (
     _extension,  # noqa: F401  (loads the native ops first, with a clear error)
+    backends,
     data,
     nn,
     ops,
@@ -20,6 +21,7 @@ __all__ = [
     "LSTMClassifier",
     "LSTMLanguageModel",
     "Trainer",
+    "backends",
     "clip_grad_norm_",
     "clip_grad_value_",
     "data",

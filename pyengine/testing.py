@@ -9,10 +9,13 @@ Typical use in tests/ops/test_<family>.py::
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+
+from pyengine import backends
 
 # Absolute / relative tolerances of a result computed in `dtype` against a float64 reference.
 TOLERANCES = {
@@ -25,6 +28,27 @@ TOLERANCES = {
 
 def tolerances(dtype: torch.dtype) -> dict:
     return TOLERANCES[dtype]
+
+
+# ---- every CPU kernel variant this machine runs ------------------------------------------------
+
+def cpu_capabilities() -> list[str]:
+    """The instruction sets whose CPU kernels this machine runs, lowest first."""
+    return list(backends.cpu.capabilities)
+
+
+def lstm_kernel_variants() -> list[tuple[str, str]]:
+    """(capability, lstm path) pairs: each instruction set's fused and per-step GEMM paths (the
+    baseline has no fused path)."""
+    return [(cap, path) for cap in cpu_capabilities()
+            for path in (("fused", "gemm") if cap != "default" else ("gemm",))]
+
+
+@contextlib.contextmanager
+def cpu_kernels(capability: str, lstm_path: str = "auto") -> Iterator[None]:
+    """Run the body on the kernels of `capability` (and the LSTM path `lstm_path`)."""
+    with backends.cpu.flags(capability=capability, lstm_path=lstm_path):
+        yield
 
 
 def _flat_tensors(value) -> list[torch.Tensor]:
@@ -112,3 +136,136 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         view.copy_(t)
     return view.requires_grad_(t.requires_grad)
+
+
+# ---- Triton kernels compiled for real GPUs, on a machine without one ---------------------------
+#
+# The interpreter (TRITON_INTERPRET=1) runs code the GPU compiler refuses, so CPU tests alone
+# never prove a kernel compiles. The recorder notes every configuration the ops launch while the
+# tests run them under the interpreter (kernel, argument types, constexpr values, warps and
+# stages); compile_for_gpus then compiles each one to a cubin with triton.compile for real GPU
+# targets (the triton wheel carries ptxas), in a process without the interpreter.
+
+_TORCH_TO_TRITON = {
+    torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+    torch.uint8: "u8", torch.bool: "i1",
+}
+TRITON_LAUNCHES: dict[str, dict] = {}  # a key per distinct configuration -> the configuration
+
+
+def _is_constexpr(annotation) -> bool:
+    return "constexpr" in (annotation if isinstance(annotation, str) else repr(annotation))
+
+
+def _argument_type(value) -> str | None:
+    """Triton's signature string for a runtime argument; None for one passed as a constant."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TORCH_TO_TRITON[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    return None
+
+
+def tl_constexpr():
+    import triton.language as tl
+
+    return tl.constexpr
+
+
+def record_triton_launch(fn, args: tuple, kwargs: dict) -> None:
+    """Note the configuration of one launch of the @triton.jit function `fn` (its Python
+    function) with these arguments."""
+    import inspect
+    import json
+
+    params = inspect.signature(fn).parameters
+    bound = dict(zip(params, args))
+    bound.update({k: v for k, v in kwargs.items() if k in params})
+    signature, constexprs = {}, {}
+    for name, param in params.items():
+        value = bound.get(name, param.default)
+        kind = None if _is_constexpr(param.annotation) else _argument_type(value)
+        if kind is None:
+            signature[name] = "constexpr"
+            value = value.value if isinstance(value, tl_constexpr()) else value
+            # a Triton dtype travels by name to the compiling process
+            constexprs[name] = {"tl_dtype": value.name} if hasattr(value, "primitive_bitwidth") \
+                else value
+        else:
+            signature[name] = kind
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    config = dict(module=fn.__module__, kernel=fn.__name__, signature=signature,
+                  constexprs=constexprs, options=options)
+    TRITON_LAUNCHES.setdefault(json.dumps(config, sort_keys=True, default=repr), config)
+
+
+def install_triton_launch_recorder() -> bool:
+    """Record every interpreted Triton launch from now on; False when not interpreting."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    if os.environ.get("TRITON_INTERPRET") != "1" or getattr(InterpretedFunction, "_recorded", 0):
+        return False
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        record_triton_launch(self.fn, args, kwargs)
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    InterpretedFunction._recorded = 1
+    return True
+
+
+COMPILE_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import importlib
+import triton.language as tl
+configs, archs = json.load(sys.stdin)
+failures = []
+for config in configs:
+    fn = getattr(importlib.import_module(config["module"]), config["kernel"])
+    config["constexprs"] = {
+        k: tl.dtype(v["tl_dtype"]) if isinstance(v, dict) and "tl_dtype" in v else v
+        for k, v in config["constexprs"].items()}
+    for arch in archs:
+        try:
+            source = ASTSource(fn=fn, signature=config["signature"],
+                               constexprs=config["constexprs"])
+            kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                    options=config["options"])
+            assert kernel.asm.get("cubin"), "no cubin"
+        except Exception as error:  # every failure is reported, with its configuration
+            shown = dict(config, constexprs={k: repr(v) for k, v in config["constexprs"].items()})
+            failures.append(dict(config=shown, arch=arch,
+                                 error=f"{type(error).__name__}: {error}"[:2000]))
+json.dump(failures, sys.stdout)
+"""
+
+
+def compile_for_gpus(configs: list[dict], archs: Sequence[int] = (80, 90),
+                     timeout: float = 1800) -> list[dict]:
+    """Compile each recorded configuration for every compute capability in `archs` (sm_80,
+    sm_90) in a subprocess without the interpreter; returns the failures, each with its
+    configuration, target and the compiler's message."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT],
+                            input=json.dumps([configs, list(archs)], default=repr),
+                            capture_output=True, text=True, env=env, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"the compile subprocess failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout)

@@ -32,8 +32,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/kernels.h"
 #include "cpu/recent_blocks.h"
-#include "cpu/vec_math.h"
 
 namespace pyengine {
 namespace cpu {
@@ -43,138 +43,50 @@ using at::Tensor;
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-// ---- vector helpers for float rows ---------------------------------------------------------------
-#if PYENGINE_HAS_AVX512
-using VF = Avx512F32;
-#define PYENGINE_CE_VEC 1
-#elif PYENGINE_HAS_AVX2
-using VF = Avx2F32;
-#define PYENGINE_CE_VEC 1
-#else
-#define PYENGINE_CE_VEC 0
-#endif
+// ---- row passes: float32 through the kernel table (csrc/cpu/kernels/cross_entropy.h), float64
+// here (accumulated in double) ----------------------------------------------------------------
 
-// Row passes, generic (any floating type, accumulated in double) ...
-template <typename T>
-double row_max(const T* x, int64_t C) {
+double row_max(const float* x, int64_t C) { return kernels().cross_entropy.row_max(x, C); }
+
+double row_max(const double* x, int64_t C) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < C; ++j) m = std::max(m, static_cast<double>(x[j]));
+  for (int64_t j = 0; j < C; ++j) {
+    if (std::isnan(x[j])) return x[j];
+    m = std::max(m, x[j]);
+  }
   return m;
 }
 
 // sum_j exp(x_j - m) and, when smooth, sum_j w_j (x_j - m) (w_j = 1 without class weights).
 // When e is given, e_j = exp(x_j - m) is stored there (e may equal x: each element is read
 // before it is overwritten), so the gradient pass needs no second exp.
-template <typename T>
-void row_sums(const T* x, int64_t C, double m, const T* w, bool smooth, T* e, double* sumexp,
-              double* wsum) {
+void row_sums(const float* x, int64_t C, double m, const float* w, bool smooth, float* e,
+              double* sumexp, double* wsum) {
+  kernels().cross_entropy.row_sums(x, C, m, w, smooth, e, sumexp, wsum);
+}
+
+void row_sums(const double* x, int64_t C, double m, const double* w, bool smooth, double* e,
+              double* sumexp, double* wsum) {
   double se = 0, sw = 0;
   for (int64_t j = 0; j < C; ++j) {
-    const double d = static_cast<double>(x[j]) - m;
+    const double d = x[j] - m;
     const double ej = std::exp(d);
-    if (e) e[j] = static_cast<T>(ej);
+    if (e) e[j] = ej;
     se += ej;
-    if (smooth) sw += (w ? static_cast<double>(w[j]) : 1.0) * d;
+    if (smooth) sw += (w ? w[j] : 1.0) * d;
   }
   *sumexp = se;
   *wsum = sw;
 }
 
 // e_j <- a * e_j - b * w_j   (w_j = 1 without class weights)
-template <typename T>
-void row_finish(T* e, int64_t C, double a, double b, const T* w) {
-  for (int64_t j = 0; j < C; ++j) {
-    e[j] = static_cast<T>(a * static_cast<double>(e[j]) - b * (w ? static_cast<double>(w[j]) : 1.0));
-  }
+void row_finish(float* e, int64_t C, double a, double b, const float* w) {
+  kernels().cross_entropy.row_finish(e, C, a, b, w);
 }
 
-#if PYENGINE_CE_VEC
-// ... and the vectorised float versions (float accumulators, one per lane).
-template <>
-double row_max<float>(const float* x, int64_t C) {
-  int64_t j = 0;
-  float m = -std::numeric_limits<float>::infinity();
-  if (C >= 2 * VF::W) {
-    VF::T m0 = VF::set1(m), m1 = VF::set1(m);
-    for (; j + 2 * VF::W <= C; j += 2 * VF::W) {
-      m0 = VF::max(m0, VF::load(x + j));
-      m1 = VF::max(m1, VF::load(x + j + VF::W));
-    }
-    m = VF::hmax(VF::max(m0, m1));
-  }
-  for (; j < C; ++j) m = std::max(m, x[j]);
-  return m;
+void row_finish(double* e, int64_t C, double a, double b, const double* w) {
+  for (int64_t j = 0; j < C; ++j) e[j] = a * e[j] - b * (w ? w[j] : 1.0);
 }
-
-template <bool kStore, bool kSmooth, bool kWeighted>
-inline void row_sums_vec(const float* x, int64_t C, float m, const float* w, float* e, double* se_out,
-                         double* sw_out) {
-  const VF::T vm = VF::set1(m);
-  VF::T se0 = VF::zero(), se1 = VF::zero(), sw0 = VF::zero(), sw1 = VF::zero();
-  int64_t j = 0;
-  for (; j + 2 * VF::W <= C; j += 2 * VF::W) {
-    const VF::T d0 = VF::sub(VF::load(x + j), vm), d1 = VF::sub(VF::load(x + j + VF::W), vm);
-    const VF::T e0 = VF::exp(d0), e1 = VF::exp(d1);
-    if (kStore) {
-      VF::store(e + j, e0);
-      VF::store(e + j + VF::W, e1);
-    }
-    se0 = VF::add(se0, e0);
-    se1 = VF::add(se1, e1);
-    if (kSmooth) {
-      if (kWeighted) {
-        sw0 = VF::fmadd(VF::load(w + j), d0, sw0);
-        sw1 = VF::fmadd(VF::load(w + j + VF::W), d1, sw1);
-      } else {
-        sw0 = VF::add(sw0, d0);
-        sw1 = VF::add(sw1, d1);
-      }
-    }
-  }
-  double se = VF::hsum(VF::add(se0, se1)), sw = kSmooth ? VF::hsum(VF::add(sw0, sw1)) : 0.0;
-  for (; j < C; ++j) {
-    const float d = x[j] - m;
-    const float ej = std::exp(d);
-    if (kStore) e[j] = ej;
-    se += ej;
-    if (kSmooth) sw += (kWeighted ? static_cast<double>(w[j]) : 1.0) * d;
-  }
-  *se_out = se;
-  *sw_out = sw;
-}
-
-template <>
-void row_sums<float>(const float* x, int64_t C, double m_, const float* w, bool smooth, float* e,
-                     double* sumexp, double* wsum) {
-  const float m = static_cast<float>(m_);
-  if (e) {
-    if (!smooth) row_sums_vec<true, false, false>(x, C, m, w, e, sumexp, wsum);
-    else if (w) row_sums_vec<true, true, true>(x, C, m, w, e, sumexp, wsum);
-    else row_sums_vec<true, true, false>(x, C, m, w, e, sumexp, wsum);
-  } else {
-    if (!smooth) row_sums_vec<false, false, false>(x, C, m, w, e, sumexp, wsum);
-    else if (w) row_sums_vec<false, true, true>(x, C, m, w, e, sumexp, wsum);
-    else row_sums_vec<false, true, false>(x, C, m, w, e, sumexp, wsum);
-  }
-}
-
-template <>
-void row_finish<float>(float* e, int64_t C, double a_, double b_, const float* w) {
-  const float a = static_cast<float>(a_), b = static_cast<float>(b_);
-  const VF::T va = VF::set1(a), vb = VF::set1(b);
-  int64_t j = 0;
-  if (w && b != 0.0f) {
-    for (; j + VF::W <= C; j += VF::W) {
-      VF::store(e + j, VF::fnmadd(vb, VF::load(w + j), VF::mul(va, VF::load(e + j))));
-    }
-  } else {
-    for (; j + VF::W <= C; j += VF::W) {
-      VF::store(e + j, VF::sub(VF::mul(va, VF::load(e + j)), vb));
-    }
-  }
-  for (; j < C; ++j) e[j] = a * e[j] - b * (w ? w[j] : 1.0f);
-}
-#endif
 
 // ---- one row ---------------------------------------------------------------------------------
 

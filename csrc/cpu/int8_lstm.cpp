@@ -4,7 +4,7 @@
 //   gates_x = int8(x[T*N,I] . w_ih^T) + (b_ih + b_hh)       one int8 GEMM for all steps
 //   per step t (reverse: t = T-1 .. 0), rows [0, B_t) active:
 //     gates  = gates_x[t] + int8(h[B_t,P] . w_hh^T)          int8 GEMM, h quantized per row
-//     c, m   = cell(gates, c)                                 fused pointwise (lstm_cell.h)
+//     c, m   = cell(gates, c)                                 fused pointwise (kernels/lstm_cell.h)
 //     h      = int8(m . w_hr^T)  (projection)  or  m
 //
 // With act = 0 (dynamic, W8A8) the rows of x, h and m are quantized on the fly (symmetric, per
@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "cpu/int8.h"
-#include "cpu/lstm_cell.h"
+#include "cpu/kernels.h"
 
 namespace pyengine {
 namespace cpu {
@@ -120,6 +120,7 @@ std::tuple<Tensor, Tensor, Tensor> int8_lstm_layer(
   std::vector<float> m(proj ? N * H : 0);
   float* hp = h.data_ptr<float>();
   float* cp = c.data_ptr<float>();
+  const LstmKernels& cell = kernels().lstm;
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t B = rows[t];
@@ -133,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor> int8_lstm_layer(
         float* gn = g + n * 4 * H;
         const float* rn = recurrent.data() + n * 4 * H;
         for (int64_t j = 0; j < 4 * H; ++j) gn[j] += rn[j];
-        forward_units<float>(gn, cp + n * H, cp + n * H, mp + n * H, H, H);
+        cell.forward_units_f32(gn, cp + n * H, cp + n * H, mp + n * H, H, H);
       }
     });
     if (proj) w_hr.matmul(m.data(), B, nullptr, act, out);

@@ -1,6 +1,8 @@
 // The recent-blocks allocator of recent_blocks.h.
 #include "cpu/recent_blocks.h"
 
+#include "cpu/settings.h"
+
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
@@ -119,13 +121,8 @@ RecentBlockAllocator& allocator() {
 
 }  // namespace
 
-bool recent_blocks_enabled() {
-  const char* setting = std::getenv("PYENGINE_RECENT_BLOCKS");
-  return setting == nullptr || setting[0] != '0';
-}
-
 at::Tensor recent_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
-  if (!recent_blocks_enabled()) return at::empty(sizes, at::TensorOptions().dtype(dtype));
+  if (!recent_blocks()) return at::empty(sizes, at::TensorOptions().dtype(dtype));
   return at::detail::empty_generic(sizes, &allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    dtype, std::nullopt);
 }

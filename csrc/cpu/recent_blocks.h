@@ -12,8 +12,9 @@
 //
 // The tensors are ordinary CPU tensors: resizable (through this allocator), serialisable,
 // freeable from any thread. At most kRecentBlocksMaxBytes of free blocks are kept.
-// PYENGINE_RECENT_BLOCKS=0 (read at every call) hands out ATen's own CPU tensors instead: for
-// memory checkers, which see reused blocks as one allocation, and for bench_recent_blocks.py.
+// pyengine.backends.cpu.recent_blocks = False (initially PYENGINE_RECENT_BLOCKS=0) hands out
+// ATen's own CPU tensors instead: for memory checkers, which see reused blocks as one
+// allocation, and for bench_recent_blocks.py.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -82,21 +82,25 @@ if _HAS_TRITON:
 
     @triton.jit
     def _load_item(ptr_table, code_table, t, offs, mask, ACC: tl.constexpr):
-        """Elements `offs` of tensor t (any supported dtype, by its code) as ACC."""
+        """Elements `offs` of tensor t (any supported dtype, by its code) as ACC.
+
+        Each branch loads through its own typed pointer and yields only x (ACC): a variable
+        assigned in several branches must have one type, or the GPU compiler refuses the kernel
+        (the interpreter does not check)."""
         address = tl.load(ptr_table + t)
         code = tl.load(code_table + t)
         if code == 1:
             x = tl.load(address.to(tl.pointer_type(tl.float64)) + offs, mask=mask,
                         other=0.0).to(ACC)
         elif code == 2:
-            p = address.to(tl.pointer_type(tl.bfloat16))
-            x = tl.load(p + offs, mask=mask, other=0.0).to(ACC)
+            x = tl.load(address.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask,
+                        other=0.0).to(ACC)
         elif code == 3:
-            p = address.to(tl.pointer_type(tl.float16))
-            x = tl.load(p + offs, mask=mask, other=0.0).to(ACC)
+            x = tl.load(address.to(tl.pointer_type(tl.float16)) + offs, mask=mask,
+                        other=0.0).to(ACC)
         else:
-            p = address.to(tl.pointer_type(tl.float32))
-            x = tl.load(p + offs, mask=mask, other=0.0).to(ACC)
+            x = tl.load(address.to(tl.pointer_type(tl.float32)) + offs, mask=mask,
+                        other=0.0).to(ACC)
         return x
 
     @triton.jit
@@ -225,24 +229,44 @@ if _HAS_TRITON:
         for i in range(0, CHUNK, BLOCK):
             offs = start + i + tl.arange(0, BLOCK)
             mask = offs < end
+            # One typed pointer per branch, used inside it (see _load_item).
             if code == 1:
-                q = address.to(tl.pointer_type(tl.float64)) + offs
-                tl.store(q, tl.load(q, mask=mask) * coef, mask=mask)
+                _scale_block(address.to(tl.pointer_type(tl.float64)) + offs, mask, coef)
             elif code == 2:
-                q = address.to(tl.pointer_type(tl.bfloat16)) + offs
-                y = tl.load(q, mask=mask).to(tl.float32) * coef.to(tl.float32)
-                tl.store(q, _to_bf16(y), mask=mask)
+                _scale_block_bf16(address.to(tl.pointer_type(tl.bfloat16)) + offs, mask,
+                                  coef.to(tl.float32))
             elif code == 3:
-                q = address.to(tl.pointer_type(tl.float16)) + offs
-                y = tl.load(q, mask=mask).to(tl.float32) * coef.to(tl.float32)
-                tl.store(q, y.to(tl.float16), mask=mask)
+                _scale_block(address.to(tl.pointer_type(tl.float16)) + offs, mask,
+                             coef.to(tl.float32))
             else:
-                q = address.to(tl.pointer_type(tl.float32)) + offs
-                tl.store(q, tl.load(q, mask=mask) * coef.to(tl.float32), mask=mask)
+                _scale_block(address.to(tl.pointer_type(tl.float32)) + offs, mask,
+                             coef.to(tl.float32))
+
+    @triton.jit
+    def _scale_block(q, mask, coef):
+        """q[mask] *= coef, computed in coef's type (float64, or float32 for the rest)."""
+        y = tl.load(q, mask=mask).to(coef.dtype) * coef
+        tl.store(q, y.to(q.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scale_block_bf16(q, mask, coef):
+        y = tl.load(q, mask=mask).to(tl.float32) * coef
+        tl.store(q, _to_bf16(y), mask=mask)
 
     @triton.jit
     def _clamp_block(x, lo, hi):
         return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
+
+    @triton.jit
+    def _clamp_into(q, mask, hi):
+        """q[mask] = clamp(q, -hi, hi) in hi's type (float64, or float32 for the rest)."""
+        y = _clamp_block(tl.load(q, mask=mask).to(hi.dtype), -hi, hi)
+        tl.store(q, y.to(q.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _clamp_into_bf16(q, mask, hi):
+        y = _clamp_block(tl.load(q, mask=mask).to(tl.float32), -hi, hi)
+        tl.store(q, _to_bf16(y), mask=mask)
 
     @triton.jit
     def _clamp(
@@ -259,24 +283,19 @@ if _HAS_TRITON:
         for i in range(0, CHUNK, BLOCK):
             offs = start + i + tl.arange(0, BLOCK)
             mask = offs < end
+            # One typed pointer per branch, used inside it (see _load_item).
             if code == 1:
-                q = address.to(tl.pointer_type(tl.float64)) + offs
-                hi = clip.to(tl.float64)
-                tl.store(q, _clamp_block(tl.load(q, mask=mask), -hi, hi), mask=mask)
+                _clamp_into(address.to(tl.pointer_type(tl.float64)) + offs, mask,
+                            clip.to(tl.float64))
             elif code == 2:
-                q = address.to(tl.pointer_type(tl.bfloat16)) + offs
-                hi = clip.to(tl.float32)
-                y = _clamp_block(tl.load(q, mask=mask).to(tl.float32), -hi, hi)
-                tl.store(q, _to_bf16(y), mask=mask)
+                _clamp_into_bf16(address.to(tl.pointer_type(tl.bfloat16)) + offs, mask,
+                                 clip.to(tl.float32))
             elif code == 3:
-                q = address.to(tl.pointer_type(tl.float16)) + offs
-                hi = clip.to(tl.float32)
-                y = _clamp_block(tl.load(q, mask=mask).to(tl.float32), -hi, hi)
-                tl.store(q, y.to(tl.float16), mask=mask)
+                _clamp_into(address.to(tl.pointer_type(tl.float16)) + offs, mask,
+                            clip.to(tl.float32))
             else:
-                q = address.to(tl.pointer_type(tl.float32)) + offs
-                hi = clip.to(tl.float32)
-                tl.store(q, _clamp_block(tl.load(q, mask=mask), -hi, hi), mask=mask)
+                _clamp_into(address.to(tl.pointer_type(tl.float32)) + offs, mask,
+                            clip.to(tl.float32))
 
 
 # ---- drivers (the CUDA kernels of the ops; also run on CPU tensors under TRITON_INTERPRET=1) --

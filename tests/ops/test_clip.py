@@ -450,6 +450,23 @@ def test_triton_grad_norms(triton_clip, norm_type, dtypes):
     torch.testing.assert_close(ours.cpu(), expected, rtol=rtol, atol=0)
 
 
+def test_triton_default_chunks(triton_clip):
+    """The chunk and block sizes the ops launch on a GPU (the other tests use small ones, so
+    that tensors span several items), every dtype: also what the GPU compile check sees."""
+    for p in (2.0, 1.0, math.inf, -math.inf, 0.0, 3.0):
+        tensors = [t for t in triton_inputs() if t.numel()]
+        ours = triton_clip.grad_norms(tensors, p)
+        torch.testing.assert_close(ours.cpu(), GRAD_NORMS([t.cpu() for t in tensors], p),
+                                   rtol=1e-4, atol=0)
+    for tensors in (triton_inputs(), triton_inputs((torch.float32,))):
+        expected = [t.cpu().clone() for t in tensors]
+        triton_clip.scale_grads_(tensors, torch.tensor([0.5], device=DEVICE))
+        SCALE(expected, torch.tensor([0.5]))
+        assert all(same_bits(a.cpu(), b) for a, b in zip(tensors, expected))
+        triton_clip.clamp_grads_(tensors, 0.1)
+        assert all(bool((t.abs() <= 0.1).all()) for t in tensors)
+
+
 def test_triton_nan_and_inf(triton_clip):
     t = torch.tensor([1.0, math.nan, -math.inf, 0.0], device=DEVICE)
     u = torch.tensor([2.0, -math.inf], device=DEVICE)

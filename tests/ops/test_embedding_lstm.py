@@ -8,7 +8,13 @@ import pyengine
 from pyengine import ops
 from pyengine.models import LSTMLanguageModel
 from pyengine.ops import reference
-from pyengine.testing import assert_matches_reference, check_opcheck, noncontiguous
+from pyengine.testing import (
+    assert_matches_reference,
+    check_opcheck,
+    cpu_kernels,
+    lstm_kernel_variants,
+    noncontiguous,
+)
 
 FORWARD = torch.ops.pyengine.embedding_lstm_layer_forward.default
 
@@ -24,10 +30,11 @@ def make_args(T, N, V, H, dtype=torch.float32, seed=0):
     return [tokens, rnd(V, 4 * H), rnd(N, H), rnd(N, H), rnd(4 * H, H)]
 
 
-@pytest.fixture(params=["fused", "gemm"])
-def kernel_path(request, monkeypatch):
-    monkeypatch.setenv("PYENGINE_LSTM_PATH", request.param)
-    return request.param
+@pytest.fixture(params=lstm_kernel_variants(), ids=lambda p: "-".join(p))
+def kernel_path(request):
+    capability, path = request.param
+    with cpu_kernels(capability, path):
+        yield path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,10 +1,10 @@
 """pyengine.ops.int8_linear / quantize_per_channel against the exact integer reference.
 
 The int32 accumulators (int8_linear_raw: the same kernel, epilogue skipped) must equal
-reference.int8_linear_int32 bit for bit on every compiled CPU path (PYENGINE_INT8_PATH forces
-vnni / avx2 / scalar); the float result must match the float64 dequantized reference to float
-rounding and the float matmul within the quantization error bound. The Triton kernel runs on CPU
-tensors under TRITON_INTERPRET=1 (tests/conftest.py).
+reference.int8_linear_int32 bit for bit on every CPU path the machine runs (the AVX-512 VNNI,
+AVX2 and portable kernels, chosen through pyengine.backends.cpu); the float result must match
+the float64 dequantized reference to float rounding and the float matmul within the quantization
+error bound. The Triton kernel runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py).
 """
 
 import os
@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 
 from pyengine.ops import int8_linear, quantize_per_channel, reference  # noqa: E402
 from pyengine.ops.int8 import int8_linear_raw, pack_weight  # noqa: E402
+from pyengine.testing import cpu_capabilities, cpu_kernels  # noqa: E402
 
 SHAPES = [  # (leading dims of x, K, N)
     ((1,), 1, 1),
@@ -31,28 +32,14 @@ SHAPES = [  # (leading dims of x, K, N)
 ]
 
 
-def _paths():
-    paths = []
-    for p in ("vnni", "avx2", "scalar"):
-        os.environ["PYENGINE_INT8_PATH"] = p
-        try:
-            q = torch.zeros(1, 1, dtype=torch.int8)
-            int8_linear_raw(torch.zeros(1, 1), q)
-            paths.append(p)
-        except RuntimeError:
-            pass
-        finally:
-            os.environ.pop("PYENGINE_INT8_PATH", None)
-    return paths
-
-
-PATHS = _paths()
+# Every instruction set's int8 kernels (AVX-512 VNNI, AVX2, portable) that this machine runs.
+PATHS = cpu_capabilities()
 
 
 @pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("PYENGINE_INT8_PATH", request.param)
-    return request.param
+def path(request):
+    with cpu_kernels(request.param):
+        yield request.param
 
 
 def make(lead, K, N, seed=0, bias=True):
@@ -76,7 +63,7 @@ def quant_error_bound(x, w, qweight, scale):
 
 
 def test_paths_compiled():
-    assert "scalar" in PATHS
+    assert "default" in PATHS
 
 
 def test_quantize_per_channel():
@@ -139,11 +126,8 @@ def test_property_exact_integer_product(M, K, N, scale, seed):
     x = torch.randn(M, K, generator=g) * scale
     q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
     for p in PATHS:
-        os.environ["PYENGINE_INT8_PATH"] = p
-        try:
+        with cpu_kernels(p):
             assert torch.equal(int8_linear_raw(x, q), reference.int8_linear_int32(x, q)), p
-        finally:
-            os.environ.pop("PYENGINE_INT8_PATH", None)
 
 
 def test_extreme_values_cannot_saturate(path):
@@ -237,7 +221,7 @@ def test_triton_int8_linear(M, K, N, act):
     q, s = quantize_per_channel(w)
     x, q, s, b = x.to(dev), q.to(dev), s.to(dev), b.to(dev)
     packed, wsum = triton_int8.pack_weight(q)
-    blocks = dict(block_m=16, block_n=16, block_k=16)
+    blocks = dict(block_m=16, block_n=16, block_k=32)  # int8 tl.dot on GPUs needs K >= 32
     if act == 0:
         raw = triton_int8.int8_linear(x, packed, wsum, s, None, N, 0, True, **blocks)
         assert torch.equal(raw.cpu(), reference.int8_linear_int32(x.cpu(), q.cpu()))
@@ -248,6 +232,24 @@ def test_triton_int8_linear(M, K, N, act):
     ref = reference.int8_linear(x.cpu(), q.cpu(), s.cpu(), b.cpu(),
                                 act="dynamic" if act == 0 else "none")
     torch.testing.assert_close(y.cpu().double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", [0, 1])
+def test_triton_int8_linear_default_blocks(act):
+    """The block sizes the op launches on a GPU (the test above uses small ones), so that the
+    GPU compile check sees them too."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, b = make((3,), 40, 24)
+    q, s = quantize_per_channel(w)
+    packed, wsum = triton_int8.pack_weight(q.to(dev))
+    for bias, raw in ((b.to(dev), False), (None, False), (None, act == 0)):
+        y = triton_int8.int8_linear(x.to(dev), packed, wsum, s.to(dev), bias, 24, act, raw)
+        if raw:
+            assert torch.equal(y.cpu(), reference.int8_linear_int32(x, q))
+        else:
+            ref = reference.int8_linear(x, q, s, bias.cpu() if bias is not None else None,
+                                        act="dynamic" if act == 0 else "none")
+            torch.testing.assert_close(y.cpu().double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_triton_rounding_ties():

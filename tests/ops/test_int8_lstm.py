@@ -20,14 +20,14 @@ import pyengine  # noqa: E402
 from pyengine.nn import QuantizedLSTM  # noqa: E402
 from pyengine.ops import Int8Weight, int8_lstm_layer, reference  # noqa: E402
 from pyengine.ops.int8_lstm import int8_lstm_layer_composite  # noqa: E402
-from pyengine.testing import noncontiguous  # noqa: E402
+from pyengine.testing import cpu_kernels, noncontiguous  # noqa: E402
 from tests.ops.test_int8 import PATHS  # noqa: E402
 
 
 @pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("PYENGINE_INT8_PATH", request.param)
-    return request.param
+def path(request):
+    with cpu_kernels(request.param):
+        yield request.param
 
 
 SHAPES = [  # T, N, I, H, P (0: no projection)
@@ -133,7 +133,7 @@ def test_composite_with_triton_kernel(act):
 
     def linear(x, packed, wsum, scale, bias, n, act, raw):
         return triton_int8.int8_linear(x.contiguous(), packed, wsum, scale, bias, n, act, raw,
-                                       block_m=16, block_n=16, block_k=16)
+                                       block_m=16, block_n=16, block_k=32)
 
     got = int8_lstm_layer_composite(x.to(dev), h0.to(dev), c0.to(dev), *flat, b.to(dev), None,
                                     None, None, None, False, act, linear=linear)

@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from pyengine import ops
 from pyengine.ops import reference
-from pyengine.testing import assert_matches_reference, check_opcheck, noncontiguous
+from pyengine.testing import (
+    assert_matches_reference,
+    check_opcheck,
+    cpu_kernels,
+    lstm_kernel_variants,
+    noncontiguous,
+)
 
 FORWARD = torch.ops.pyengine.lstm_layer_forward.default
 BACKWARD = torch.ops.pyengine.lstm_layer_backward.default
@@ -49,14 +55,16 @@ SHAPES = [  # (T, N, I, H)
 
 # The float32 CPU kernel has two paths: "fused" (whole time loop in one threaded region with
 # register-tiled GEMMs; float32, no projection, H a multiple of the vector width) and "gemm"
-# (a library GEMM per step). Both must give the reference's numbers.
-PATHS = ["fused", "gemm"]
+# (a library GEMM per step), each built for every instruction set the machine runs. All must
+# give the reference's numbers.
+PATHS = lstm_kernel_variants()
 
 
-@pytest.fixture(params=PATHS)
-def kernel_path(request, monkeypatch):
-    monkeypatch.setenv("PYENGINE_LSTM_PATH", request.param)
-    return request.param
+@pytest.fixture(params=PATHS, ids=lambda p: "-".join(p))
+def kernel_path(request):
+    capability, path = request.param
+    with cpu_kernels(capability, path):
+        yield path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -99,16 +107,17 @@ def test_float32_wide_batches_match_reference(N, H, packed, threads, kernel_path
         torch.set_num_threads(previous)
 
 
-def test_float32_paths_agree(monkeypatch):
+def test_float32_paths_agree():
     args = make_layer_args(6, 5, 7, 32)
     results = []
-    for path in PATHS:
-        monkeypatch.setenv("PYENGINE_LSTM_PATH", path)
-        out = ops.lstm_layer(*args)
-        grads = torch.autograd.grad(sum(o.sum() for o in out), [a for a in args[:7]])
+    for capability, path in PATHS:
+        with cpu_kernels(capability, path):
+            out = ops.lstm_layer(*args)
+            grads = torch.autograd.grad(sum(o.sum() for o in out), [a for a in args[:7]])
         results.append([*out, *grads])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for other in results[1:]:  # every instruction set and path against the first
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [True, False])

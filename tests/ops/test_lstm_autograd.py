@@ -8,15 +8,16 @@ import importlib
 import pytest
 import torch
 
-from pyengine.testing import check_opcheck
+from pyengine.testing import check_opcheck, cpu_kernels, lstm_kernel_variants
 from tests.ops.test_embedding_lstm import make_args as make_embedding_args
-from tests.ops.test_lstm import PATHS, STACK_FORWARD, make_stack_args
+from tests.ops.test_lstm import STACK_FORWARD, make_stack_args
 
 
-@pytest.fixture(params=PATHS)
-def kernel_path(request, monkeypatch):
-    monkeypatch.setenv("PYENGINE_LSTM_PATH", request.param)
-    return request.param
+@pytest.fixture(params=lstm_kernel_variants(), ids=lambda p: "-".join(p))
+def kernel_path(request):
+    capability, path = request.param
+    with cpu_kernels(capability, path):
+        yield path
 
 
 # ---- lstm_stack ------------------------------------------------------------------------------

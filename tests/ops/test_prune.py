@@ -106,6 +106,10 @@ def test_triton_unit_importance(kind):
                             7, kind, block_u=4, block_r=8)
     want = reference.unit_importance(ws, dims, blocks, kind, grads)
     torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+    # the block sizes the op launches on a GPU (also what the GPU compile check sees)
+    got = K.unit_importance([w.to(dev) for w in ws], [g.to(dev) for g in grads], dims, blocks,
+                            7, kind)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or triton_interpreter_enabled()),
@@ -118,6 +122,7 @@ def test_triton_nm_mask():
     s[1, :4] = 0.5
     for n, m in ((2, 4), (1, 8)):
         assert torch.equal(K.nm_mask(s.to(dev), n, m, block=8).cpu(), reference.nm_mask(s, n, m))
+        assert torch.equal(K.nm_mask(s.to(dev), n, m).cpu(), reference.nm_mask(s, n, m))
 
 
 def test_torch_compile_fullgraph():

@@ -51,6 +51,9 @@ def test_gradients_from_reused_blocks_are_ordinary_tensors():
 
 
 def _lstm_step_in_child(queue):
+    # One thread, as torch's DataLoader workers run: GNU OpenMP's thread pool does not survive a
+    # fork, and a forked child that starts a parallel region hangs (plain torch.nn.LSTM too).
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     lstm = pyengine.nn.LSTM(5, 16, num_layers=2)
     lstm(torch.randn(40, 3, 5, requires_grad=True))[0].sum().backward()
@@ -94,9 +97,9 @@ def test_cross_entropy_gradients_from_reused_blocks_stay_put():
     assert len({grad.data_ptr() for grad, _ in kept}) == len(kept)
 
 
-def test_switched_off_the_kernels_allocate_through_aten_with_the_same_results(monkeypatch):
-    """PYENGINE_RECENT_BLOCKS=0 (for memory checkers and the allocator's benchmark): the same
-    numbers, bit for bit, from ATen's allocator."""
+def test_switched_off_the_kernels_allocate_through_aten_with_the_same_results():
+    """pyengine.backends.cpu.recent_blocks = False (for memory checkers and the allocator's
+    benchmark): the same numbers, bit for bit, from ATen's allocator."""
     torch.manual_seed(0)
     lstm = pyengine.nn.LSTM(5, 16, num_layers=2)
     x = torch.randn(40, 3, 5, requires_grad=True)
@@ -109,7 +112,7 @@ def test_switched_off_the_kernels_allocate_through_aten_with_the_same_results(mo
         return [out.detach(), x.grad] + [p.grad for p in lstm.parameters()]
 
     reused = step()
-    monkeypatch.setenv("PYENGINE_RECENT_BLOCKS", "0")
-    plain = step()
+    with pyengine.backends.cpu.flags(recent_blocks=False):
+        plain = step()
     for a, b in zip(reused, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,12 +1,19 @@
-// Activation functions for the CPU kernels: an AVX2/FMA path for 8 floats at a time and a
-// scalar path (any type, any machine). The AVX2 exp is a Cephes-style range reduction plus a
-// degree-6 polynomial, accurate to about 2 ulp over the float range; sigmoid and tanh are built on
-// it with a true division, so gradients computed from them stay within float tolerance.
+// Activation functions for the CPU kernels: vector paths for 16 floats (AVX-512) and 8 floats
+// (AVX2 + FMA) at a time, and a scalar path (any type, any machine). Included by the kernel
+// bodies of one instruction set (PYENGINE_ISA_LEVEL: 0 baseline, 1 AVX2, 2 AVX-512; see
+// csrc/cpu/isa/), inside that set's namespace, so each set has its own copy.
+// The vector exp is a Cephes-style range reduction plus a degree-6 polynomial, accurate to about
+// 2 ulp over the float range; sigmoid and tanh are built on it with a true division, so gradients
+// computed from them stay within float tolerance. NaN in gives NaN out, as std::exp.
 #pragma once
 
 #include <cmath>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#ifndef PYENGINE_ISA_LEVEL
+#error "vec_math.h is part of a kernel body: include it through csrc/cpu/isa/*.cpp"
+#endif
+
+#if PYENGINE_ISA_LEVEL >= 1
 #include <immintrin.h>
 #define PYENGINE_HAS_AVX2 1
 #else
@@ -15,6 +22,7 @@
 
 namespace pyengine {
 namespace cpu {
+namespace PYENGINE_ISA {
 
 template <typename T>
 inline T sigmoid(T x) {
@@ -27,14 +35,15 @@ inline T tanh_(T x) {
 }
 
 #if PYENGINE_HAS_AVX2
-// exp(x) for x in float range; saturates to 0 below -87.3 and to exp(88.3) above 88.3.
+// exp(x) for x in float range; saturates to 0 below -87.3 and to exp(88.3) above 88.3; NaN stays
+// NaN (min/max return their second operand when either is NaN, so x goes second).
 inline __m256 exp256(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f);
   const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
   const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
   const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
   r = _mm256_fnmadd_ps(n, ln2_lo, r);
@@ -67,13 +76,13 @@ inline __m256 tanh256(__m256 x) {
 }
 #endif
 
-#if defined(__AVX512F__)
+#if PYENGINE_ISA_LEVEL >= 2
 #define PYENGINE_HAS_AVX512 1
 // The same functions 16 floats at a time. 2^n is applied with vscalefps, and the divisions are a
 // 14-bit reciprocal refined by one Newton step (relative error about 1e-8, below float's ulp).
 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)),
-                    _mm512_set1_ps(-87.3365478515625f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3365478515625f),
+                    _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x));  // NaN kept
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -129,6 +138,9 @@ struct Avx2F32 {
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
   static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static T bit_or(T a, T b) { return _mm256_or_ps(a, b); }
+  static T unordered(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_UNORD_Q); }  // lanes: a or b NaN
+  static bool any(T mask) { return _mm256_movemask_ps(mask) != 0; }
   static T exp(T a) { return exp256(a); }
   static T sig(T x) { return sigmoid256(x); }
   static T th(T x) { return tanh256(x); }
@@ -163,6 +175,15 @@ struct Avx512F32 {
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
   static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T bit_or(T a, T b) {
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }
+  static T unordered(T a, T b) {  // lanes: a or b NaN
+    return _mm512_castsi512_ps(_mm512_maskz_set1_epi32(_mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q), -1));
+  }
+  static bool any(T mask) {
+    return _mm512_test_epi32_mask(_mm512_castps_si512(mask), _mm512_castps_si512(mask)) != 0;
+  }
   static T exp(T a) { return exp512(a); }
   static T sig(T x) { return sigmoid512(x); }
   static T th(T x) { return tanh512(x); }
@@ -171,5 +192,6 @@ struct Avx512F32 {
 };
 #endif
 
+}  // namespace PYENGINE_ISA
 }  // namespace cpu
 }  // namespace pyengine

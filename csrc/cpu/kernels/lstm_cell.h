@@ -1,16 +1,18 @@
 // The LSTM cell's pointwise step over one row, forward and backward, shared by the float LSTM
-// (lstm.cpp) and the int8 LSTM (int8_lstm.cpp). One body per direction, written against a small
-// vector interface and run 16 floats at a time (AVX-512), then 8 (AVX2), then one at a time
-// (any type), so every width computes the same formula.
+// (lstm.cpp) and the int8 LSTM (int8_lstm.cpp) through the kernel table (csrc/cpu/kernels.h).
+// One body per direction, written against a small vector interface and run 16 floats at a time
+// (AVX-512), then 8 (AVX2), then one at a time (any type), so every width computes the same
+// formula. A kernel body: compiled once per instruction set (csrc/cpu/isa/).
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
 
-#include "cpu/vec_math.h"
+#include "cpu/kernels/vec_math.h"
 
 namespace pyengine {
 namespace cpu {
+namespace PYENGINE_ISA {
 namespace pointwise {
 
 template <typename S>
@@ -111,5 +113,6 @@ inline void backward_units(const T* act, const T* cell, const T* cprev, const T*
   pointwise::backward<pointwise::Scalar<T>>(act, cell, cprev, dm, dc, dg, H, j, count);
 }
 
+}  // namespace PYENGINE_ISA
 }  // namespace cpu
 }  // namespace pyengine

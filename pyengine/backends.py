@@ -1,0 +1,100 @@
+"""Run-time settings of pyengine's CPU kernels, in the spirit of ``torch.backends``.
+
+``pyengine.backends.cpu``:
+
+- ``capability``: the instruction set whose kernels run, ``"avx512"``, ``"avx2"`` or
+  ``"default"`` (baseline code). One build carries all three; at import it is the best the CPU
+  supports, capped by the environment variable ``PYENGINE_CPU_CAPABILITY``. Setting a lower one
+  runs the same ops on the other kernels (tests compare them on one machine).
+- ``best_capability`` (read only) and ``capabilities``: what this CPU can run.
+- ``lstm_path``: the float LSTM's recurrence on the CPU, ``"auto"`` (by size), ``"fused"`` (the
+  whole time loop in one threaded region, where it applies) or ``"gemm"`` (a library GEMM per
+  step). Initially ``PYENGINE_LSTM_PATH``, or ``"auto"``.
+- ``recent_blocks``: whether the CPU kernels take their outputs from an allocator that hands
+  back the block freed last (still in cache) rather than ATen's (initially true unless
+  ``PYENGINE_RECENT_BLOCKS=0``; switch it off for memory checkers).
+
+Settings hold for the whole process and are read by the kernels at each call, never from the
+environment again. ``with pyengine.backends.cpu.flags(capability="avx2"): ...`` sets and
+restores them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from pyengine import (
+    _C,
+    _extension,  # noqa: F401  (loads the native library first)
+)
+
+CAPABILITIES = ("default", "avx2", "avx512")
+LSTM_PATHS = ("auto", "fused", "gemm")
+
+
+class _CpuBackend:
+    """pyengine.backends.cpu: see the module docstring."""
+
+    @property
+    def capability(self) -> str:
+        return _C.cpu_capability()
+
+    @capability.setter
+    def capability(self, name: str) -> None:
+        if name not in CAPABILITIES:
+            raise ValueError(f"capability must be one of {CAPABILITIES}, got {name!r}")
+        _C.set_cpu_capability(name)
+
+    @property
+    def best_capability(self) -> str:
+        return _C.best_cpu_capability()
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """Every capability this CPU runs, lowest first."""
+        return CAPABILITIES[: CAPABILITIES.index(self.best_capability) + 1]
+
+    @property
+    def lstm_path(self) -> str:
+        return _C.lstm_path()
+
+    @lstm_path.setter
+    def lstm_path(self, name: str) -> None:
+        if name not in LSTM_PATHS:
+            raise ValueError(f"lstm_path must be one of {LSTM_PATHS}, got {name!r}")
+        _C.set_lstm_path(name)
+
+    @property
+    def recent_blocks(self) -> bool:
+        return _C.recent_blocks()
+
+    @recent_blocks.setter
+    def recent_blocks(self, enabled: bool) -> None:
+        _C.set_recent_blocks(bool(enabled))
+
+    @contextlib.contextmanager
+    def flags(self, capability: str | None = None, lstm_path: str | None = None,
+              recent_blocks: bool | None = None) -> Iterator[None]:
+        """Set the given settings for the body of a with-block, then restore them."""
+        saved = (self.capability, self.lstm_path, self.recent_blocks)
+        try:
+            if capability is not None:
+                self.capability = capability
+            if lstm_path is not None:
+                self.lstm_path = lstm_path
+            if recent_blocks is not None:
+                self.recent_blocks = recent_blocks
+            yield
+        finally:
+            _C.set_cpu_capability(saved[0])
+            _C.set_lstm_path(saved[1])
+            _C.set_recent_blocks(saved[2])
+
+    def __repr__(self) -> str:
+        return (f"pyengine.backends.cpu(capability={self.capability!r}, "
+                f"best_capability={self.best_capability!r}, lstm_path={self.lstm_path!r}, "
+                f"recent_blocks={self.recent_blocks!r})")
+
+
+cpu = _CpuBackend()
