@@ -57,6 +57,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
     app.state.batcher, app.state.metrics = batcher, metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer
+    app.add_exception_handler(RequestValidationError, _validation_error)
     tokenizer = backend.tokenizer
 
     def refused(error: Exception) -> JSONResponse:
@@ -152,6 +153,14 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return app
+
+
+async def _validation_error(request, error: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field: loc, msg and type only. The offending input is not echoed
+    back (it may be a megabyte prompt, or a NaN that JSON cannot carry)."""
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+              for e in error.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def _sampling(request: GenerateRequest) -> Sampling:

@@ -133,6 +133,7 @@ class Batcher:
         self.closing = False
         self._waiting: collections.deque[Sequence | _Job] = collections.deque()
         self._active: list[Sequence] = []  # row order of the batch tensors below
+        self._admitted: list[Sequence] = []  # taken from the queue, joining at this step
         self._logits: torch.Tensor | None = None  # [B,V] next-token logits of the active rows
         self._state: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, c), batch on dim 1
         self._executor: ThreadPoolExecutor | None = None
@@ -211,9 +212,9 @@ class Batcher:
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        self._fail(list(self._active) + list(self._waiting),
+        self._fail(self._active + self._admitted + list(self._waiting),
                    "the server shut down before this request finished")
-        self._active, self._logits, self._state = [], None, None
+        self._active, self._admitted, self._logits, self._state = [], [], None, None
         self._waiting.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -222,6 +223,7 @@ class Batcher:
         self.metrics.active.set(len(self._active) + extra_active)
 
     def _fail(self, items: list[Sequence | _Job], why: str) -> None:
+        """An error event for each unfinished sequence (once), an exception for each job."""
         for item in items:
             if isinstance(item, _Job):
                 if not item.future.done():
@@ -239,7 +241,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            admitted: list[Sequence] = []
+            admitted = self._admitted = []
             while self._waiting and (isinstance(self._waiting[0], _Job)
                                      or len(self._active) + len(admitted) < self.max_batch):
                 item = self._waiting.popleft()
@@ -256,11 +258,11 @@ class Batcher:
             except Exception as error:
                 log.exception("model step failed; failing the %d sequences of the batch",
                               len(self._active) + len(admitted))
-                stranded = [s for s in admitted if s not in self._active]
-                self._fail(self._active + stranded, f"the model step failed: {error}")
-                self._active, self._logits, self._state = [], None, None
+                self._fail(self._active + admitted, f"the model step failed: {error}")
+                self._active, self._admitted, self._logits, self._state = [], [], None, None
                 self._publish_gauges()
                 continue
+            self._admitted = []
             for seq, event in events:
                 seq.events.put_nowait(event)
             self.metrics.observe_step(rows, rows)
