@@ -320,12 +320,23 @@ class Batcher:
         self._active.append(seq)
 
     def _choose(self) -> torch.Tensor:
-        """Next token of every active row [B]: one argmax for the greedy rows, each other row
-        sampled under its own options (and its own generator, so a seed reproduces)."""
+        """Next token of every active row [B]: one argmax for the greedy rows; the unseeded
+        rows sharing sampling options are sampled together; a seeded row (its own generator,
+        so the seed reproduces) or one with a repetition penalty (its own history) alone."""
         tokens = self._logits.argmax(dim=-1)
+        shared: dict[tuple, list[int]] = {}
         for row, seq in enumerate(self._active):
-            if not seq.sampling.is_plain_greedy:
-                tokens[row] = next_token(self._logits[row:row + 1], seq.seen, seq.sampling)[0]
+            rule = seq.sampling
+            if rule.is_plain_greedy:
+                continue
+            if rule.generator is None and rule.repetition_penalty == 1.0:
+                shared.setdefault((rule.temperature, rule.top_k, rule.top_p), []).append(row)
+            else:
+                tokens[row] = next_token(self._logits[row:row + 1], seq.seen, rule)[0]
+        for (temperature, top_k, top_p), rows in shared.items():
+            index = torch.tensor(rows, dtype=torch.long, device=tokens.device)
+            rule = Sampling(temperature, top_k, top_p)
+            tokens[index] = next_token(self._logits.index_select(0, index), None, rule)
         return tokens
 
     def _keep(self, rows: list[int]) -> None:

@@ -38,8 +38,8 @@ def queue_depth(client) -> int:
 
 
 def test_concurrent_requests_share_steps_and_match_unbatched_output(language_model, tokenizer):
-    """Eight requests of different prompts, lengths and options decoded in one batch: each
-    answer equals `generate` run alone on its prompt (greedy, and seeded sampling per row)."""
+    """Ten requests of different prompts, lengths and options decoded in one batch: each
+    answer equals `generate` run alone on its prompt (greedy, and sampling per row)."""
     gated = GatedModel(language_model)
     server = ServerThread(create_app(backend_of(gated, tokenizer), ServeConfig(max_batch=16)))
     requests = [{"prompt": prompt, "max_new_tokens": n, "temperature": 0}
@@ -48,6 +48,9 @@ def test_concurrent_requests_share_steps_and_match_unbatched_output(language_mod
     requests += [{"prompt": "the ", "max_new_tokens": 20, "temperature": 1.1, "seed": 4},
                  {"prompt": "the ", "max_new_tokens": 22, "top_k": 4, "seed": 9,
                   "repetition_penalty": 1.4}]
+    # unseeded rows with the same options are sampled together; top_p this small keeps only
+    # the most likely token, so their answers are known
+    requests += [{"prompt": p, "max_new_tokens": 15, "top_p": 1e-9} for p in ("on", "the m")]
     try:
         with server.client() as client, ThreadPoolExecutor(len(requests)) as pool:
             first = pool.submit(client.post, "/generate", json=requests[0])
@@ -66,7 +69,7 @@ def test_concurrent_requests_share_steps_and_match_unbatched_output(language_mod
         expected = generate(language_model, tokenizer, body["prompt"], body["max_new_tokens"],
                             **options)
         assert answer.json()["text"] == expected, body
-    # the seven waiting requests joined the first one: steps of 8 rows happened
+    # the nine waiting requests joined the first one: steps of more than 4 rows happened
     steps = metric_value(metrics, "pyengine_serve_batch_rows_count")
     one_row = metric_value(metrics, "pyengine_serve_batch_rows_bucket", le="1.0")
     assert metric_value(metrics, "pyengine_serve_batch_rows_bucket", le="4.0") < steps
