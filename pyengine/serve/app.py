@@ -69,10 +69,20 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
                              f"; {needed} needs a {other} checkpoint"}, status_code=404)
 
     def token_ids(field: str, value, texts: list[str]) -> list[list[int]]:
-        """The texts' token ids, or a 422 naming the field when they break a limit."""
+        """The texts' token ids, or a 422 naming the field when they break a limit or cannot be
+        tokenized (a lone UTF-16 surrogate has no UTF-8 bytes, for one)."""
         errors = limit_errors(field, value, [], config)  # the count, before any tokenizing
-        ids = [] if errors else [prompt_ids(tokenizer, text) for text in texts]
-        errors = errors or limit_errors(field, value, ids, config)
+        if errors:
+            raise RequestValidationError(errors)
+        ids = []
+        for index, text in enumerate(texts):
+            try:
+                ids.append(prompt_ids(tokenizer, text))
+            except (ValueError, TypeError) as error:
+                loc = ["body", field] if isinstance(value, str) else ["body", field, index]
+                raise RequestValidationError([{"loc": loc, "type": "value_error",
+                                               "msg": f"cannot be tokenized: {error}"}]) from None
+        errors = limit_errors(field, value, ids, config)
         if errors:
             raise RequestValidationError(errors)
         return ids

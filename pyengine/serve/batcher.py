@@ -72,9 +72,17 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # [1,V] tokens so far, kept only for a repetition penalty
     emitted: int = 0  # characters already streamed
-    finished: bool = False
+    finished: bool = False  # set in the model thread: the row leaves the batch
+    answered: bool = False  # set on the event loop: its last event ("done"/"error") is sent
     cancelled: bool = False  # the client went away: drop the row at the next step
     events: asyncio.Queue | None = None
+
+    def deliver(self, event: tuple[str, Any]) -> None:
+        """Send an event (on the event loop); nothing follows a "done" or an "error"."""
+        if self.answered:
+            return
+        self.answered = event[0] in ("done", "error")
+        self.events.put_nowait(event)
 
     def take(self, token: int, tokenizer) -> list[tuple[str, Any]]:
         """Record the next token; return the events it causes (run in the model thread)."""
@@ -163,8 +171,10 @@ class Batcher:
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
     def _check_room(self, count: int) -> None:
-        if self.closing or not self.healthy:
+        if self.closing:
             raise ShuttingDown("the server is shutting down")
+        if not self.healthy:
+            raise ShuttingDown("the model worker is not running")
         if len(self._waiting) + count > self.max_queue:
             raise QueueFull(f"the queue is full ({len(self._waiting)} of {self.max_queue} "
                             "places taken)")
@@ -178,8 +188,7 @@ class Batcher:
             seq.events = asyncio.Queue()
             if seq.max_new_tokens <= 0:
                 seq.finished = True
-                seq.events.put_nowait(("done", {"text": "", "finish_reason": "length",
-                                                "new_tokens": 0}))
+                seq.deliver(("done", {"text": "", "finish_reason": "length", "new_tokens": 0}))
         self._waiting.extend(pending)
         self._publish_gauges()
         self._wakeup.set()
@@ -223,14 +232,14 @@ class Batcher:
         self.metrics.active.set(len(self._active) + extra_active)
 
     def _fail(self, items: list[Sequence | _Job], why: str) -> None:
-        """An error event for each unfinished sequence (once), an exception for each job."""
+        """An error event for each sequence not yet answered, an exception for each job."""
         for item in items:
             if isinstance(item, _Job):
                 if not item.future.done():
                     item.future.set_exception(GenerationFailed(why))
-            elif not item.finished and item.events is not None:
+            elif item.events is not None:
                 item.finished = True
-                item.events.put_nowait(("error", why))
+                item.deliver(("error", why))
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -264,7 +273,7 @@ class Batcher:
                 continue
             self._admitted = []
             for seq, event in events:
-                seq.events.put_nowait(event)
+                seq.deliver(event)
             self.metrics.observe_step(rows, rows)
             self._publish_gauges()
 
@@ -288,12 +297,17 @@ class Batcher:
         advance the rest by one batched step. Returns (events to deliver, rows advanced)."""
         if any(seq.cancelled for seq in self._active):
             self._keep([row for row, seq in enumerate(self._active) if not seq.cancelled])
-        for seq in admitted:
-            self._prefill(seq)
-        if not self._active:
-            return [], 0
-        tokens = self._choose()
         events, keep = [], []
+        for seq in admitted:
+            try:
+                self._prefill(seq)
+            except Exception as error:  # this prompt only: the batch goes on without it
+                log.exception("reading a prompt failed")
+                seq.finished = True
+                events.append((seq, ("error", f"reading the prompt failed: {error}")))
+        if not self._active:
+            return events, 0
+        tokens = self._choose()
         for row, (seq, token) in enumerate(zip(self._active, tokens.tolist())):
             events.extend((seq, event) for event in seq.take(token, self.tokenizer))
             if not seq.finished:

@@ -106,23 +106,30 @@ def test_a_full_queue_answers_503_with_retry_after(language_model, tokenizer):
 
 
 class FailsOnce(torch.nn.Module):
-    def __init__(self, model):
+    """A model whose first call matching `when(tokens)` raises."""
+
+    def __init__(self, model, when):
         super().__init__()
-        self.model, self.failed = model, False
+        self.model, self.when, self.failed = model, when, False
 
     def forward(self, tokens, state=None):
-        if not self.failed:
+        if not self.failed and self.when(tokens):
             self.failed = True
             raise RuntimeError("simulated failure")
         return self.model(tokens, state)
 
 
-def test_a_failing_step_is_a_500_and_the_server_goes_on(language_model, tokenizer):
-    server = ServerThread(create_app(backend_of(FailsOnce(language_model), tokenizer)))
+@pytest.mark.parametrize("where, message", [
+    (lambda tokens: tokens.shape[1] > 1, "reading the prompt failed"),  # prefill
+    (lambda tokens: tokens.shape[1] == 1, "model step failed"),  # a batched step
+])
+def test_a_failure_is_a_500_and_the_server_goes_on(language_model, tokenizer, where, message):
+    server = ServerThread(create_app(backend_of(FailsOnce(language_model, where), tokenizer)))
     try:
         with server.client() as client:
             failed = client.post("/generate", json={"prompt": "the "})
-            assert failed.status_code == 500 and "simulated failure" in failed.json()["detail"]
+            assert failed.status_code == 500
+            assert message in failed.json()["detail"] and "simulated" in failed.json()["detail"]
             ok = client.post("/generate", json={"prompt": "the ", "max_new_tokens": 5})
             assert ok.status_code == 200
             assert client.get("/health").json()["status"] == "ok"

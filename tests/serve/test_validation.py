@@ -77,6 +77,13 @@ def test_bad_classify_field_is_a_422_naming_it(classifier_server, body, field):
     assert field in named_fields(response)
 
 
+def test_text_that_cannot_be_tokenized_is_a_422(client):
+    response = client.post("/generate", content=b'{"prompt": ["ok", "\\ud800"]}',  # a lone
+                           headers={"content-type": "application/json"})  # UTF-16 surrogate
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "prompt", 1]
+
+
 def test_malformed_json_is_a_422(client):
     response = client.post("/generate", content=b'{"prompt": "a",',
                            headers={"content-type": "application/json"})
