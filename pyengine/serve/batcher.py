@@ -142,6 +142,7 @@ class Batcher:
         self._waiting: collections.deque[Sequence | _Job] = collections.deque()
         self._active: list[Sequence] = []  # row order of the batch tensors below
         self._admitted: list[Sequence] = []  # taken from the queue, joining at this step
+        self._running: list[_Job] = []  # the job in the model thread, if any
         self._logits: torch.Tensor | None = None  # [B,V] next-token logits of the active rows
         self._state: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, c), batch on dim 1
         self._executor: ThreadPoolExecutor | None = None
@@ -221,7 +222,7 @@ class Batcher:
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        self._fail(self._active + self._admitted + list(self._waiting),
+        self._fail(self._active + self._admitted + self._running + list(self._waiting),
                    "the server shut down before this request finished")
         self._active, self._admitted, self._logits, self._state = [], [], None, None
         self._waiting.clear()
@@ -280,12 +281,15 @@ class Batcher:
     async def _run(self, loop, job: _Job) -> None:
         if job.future.done():  # its client went away while it waited
             return
+        self._running = [job]  # kept if the worker is cancelled here, for close() to fail it
         try:
             result = await loop.run_in_executor(self._executor, job.function)
         except Exception as error:
+            self._running = []
             if not job.future.done():
                 job.future.set_exception(error)
             return
+        self._running = []
         if not job.future.done():
             job.future.set_result(result)
 

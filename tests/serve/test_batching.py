@@ -23,7 +23,7 @@ from pyengine import cli
 from pyengine.generate import Sampling, generate
 from pyengine.serve.app import create_app
 from pyengine.serve.backends import LANGUAGE_MODEL, Backend
-from pyengine.serve.batcher import Batcher, Sequence
+from pyengine.serve.batcher import Batcher, GenerationFailed, Sequence
 from pyengine.serve.config import ServeConfig
 
 from .conftest import TIMEOUT, GatedModel, ServerThread, metric_value, wait_until
@@ -190,6 +190,30 @@ def test_close_gives_up_after_its_timeout(language_model, tokenizer):
         gated.release.set()
     assert [kind for kind, _ in events] == ["error", "error"]
     assert "shut down" in events[0][1]
+
+
+def test_close_fails_a_job_it_gives_up_on(language_model, tokenizer):
+    started, release = threading.Event(), threading.Event()
+
+    def job():
+        started.set()
+        return release.wait(TIMEOUT)
+
+    async def scenario():
+        batcher = Batcher(language_model, tokenizer)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.run_job(job))
+        waiting = asyncio.ensure_future(batcher.run_job(job))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, TIMEOUT)
+        await batcher.close(timeout=0.05)
+        return await asyncio.wait_for(
+            asyncio.gather(running, waiting, return_exceptions=True), TIMEOUT)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert [type(r) for r in results] == [GenerationFailed, GenerationFailed]
 
 
 def test_config_and_command_line_errors(tmp_path, lm_checkpoint, capsys):
