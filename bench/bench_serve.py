@@ -190,7 +190,7 @@ def main(argv=None) -> int:
             for clients in sweep_clients:
                 sweep = (main_case if clients == args.clients else
                          run_case(servers, clients, max(clients * 2, requests // 4),
-                                  new_tokens, 1, time_limit))
+                                  new_tokens, rounds, time_limit))
                 for name, result in sweep.items():
                     points.append({"sweep": "concurrent clients (p50 latency)", "x": clients,
                                    "impl": name, "ms": round(result["p50 ms"], 2),
