@@ -89,6 +89,9 @@ TARGETS = [
     _train("demo", "speedup vs torch", ">=", 1.3, "tokens/s vs plain PyTorch"),
     _train("large", "speedup vs torch", ">=", 1.1, "tokens/s vs plain PyTorch"),
     _train("large", "mem_vs_torch", "<=", 0.5, "peak memory / plain PyTorch"),
+    Target("#25", "pyengine serve, 16 clients: continuous batching vs one request at a time, "
+           "tokens/s", "serve", {"case": "16 clients", "implementation": "continuous batching"},
+           "speedup vs one at a time (max batch 1)", ">=", 3.0),
 ]
 
 

@@ -23,6 +23,7 @@ import pyengine
 from pyengine.data import ByteTokenizer, batchify, default_corpus, iterate_bptt
 from pyengine.generate import generate
 from pyengine.models import LSTMLanguageModel
+from pyengine.serve import cli as serve_cli
 from pyengine.train.optimizers import adam
 
 
@@ -943,6 +944,7 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "evaluate": (_add_evaluate_parser, cmd_evaluate),
     "bench": (_add_bench_parser, cmd_bench),
     "generate": (_add_generate_parser, cmd_generate),
+    "serve": (serve_cli.add_parser, serve_cli.run),
 }
 
 

@@ -11,11 +11,15 @@ probability reaches `top_p`. `num_beams > 1` is beam search (deterministic; samp
 ignored). `repetition_penalty > 1` discourages tokens already in the prompt or the output (CTRL's
 rule: positive logits divided, negative multiplied). `stop` strings end a sequence; the returned
 text stops before the first stop string.
+
+The per-step pieces (`read_prompt`, `advance`, `Sampling`, `next_token`, `releasable`) are
+public: pyengine.serve decodes many requests in one batch with them, token by token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -52,9 +56,8 @@ def generate(
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise TypeError("prompt must be a string or a non-empty list of strings")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, repetition_penalty=repetition_penalty, generator=generator,
-                   stops=stops)
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty, generator)
+    options = dict(max_new_tokens=max_new_tokens, sampling=sampling, stops=stops)
     if stream:
         if batched or num_beams > 1:
             raise ValueError("stream=True takes a single prompt and num_beams=1")
@@ -88,7 +91,28 @@ def _validate(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
 
 
-def _prompt_ids(tokenizer, text: str) -> list[int]:
+# --------------------------------------------------------------------------------------------
+# The per-step pieces, shared with pyengine.serve's batched decoding loop.
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence picks its next token: `generate`'s decoding options, one generator."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    generator: torch.Generator | None = None
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        """The next token is the argmax of the logits (no penalty, no randomness)."""
+        return (self.temperature == 0 or self.top_k == 1) and self.repetition_penalty == 1.0
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """The prompt's token ids; an empty prompt is the tokenizer's `bos_id`, else a newline."""
     ids = list(tokenizer.encode(text))
     if ids:
         return ids
@@ -97,11 +121,15 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    return next(iter(model.parameters())).device
+    """Where the model's inputs go: its parameters' device (CPU for a model without any, such
+    as a wrapper around an ONNX runtime session)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
 
 
 @torch.no_grad()
-def _read_prompt(model, ids: list[int]) -> tuple[torch.Tensor, State]:
+def read_prompt(model, ids: list[int]) -> tuple[torch.Tensor, State]:
     """Run the prompt once: logits of the next token [V] and the state after it."""
     tokens = torch.tensor([ids], dtype=torch.long, device=_device(model))
     logits, state = model(tokens)
@@ -109,7 +137,7 @@ def _read_prompt(model, ids: list[int]) -> tuple[torch.Tensor, State]:
 
 
 @torch.no_grad()
-def _advance(model, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+def advance(model, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
     """One step for a batch: tokens [B] -> next-token logits [B,V], new state."""
     logits, state = model(tokens.reshape(-1, 1), state)
     return logits[:, -1], state
@@ -141,98 +169,119 @@ def _choose(logits: torch.Tensor, temperature, top_k, top_p, generator) -> torch
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+def next_token(logits: torch.Tensor, seen: torch.Tensor | None, sampling: Sampling) -> torch.Tensor:
+    """Next token per row of logits [B,V] under one `sampling` rule; `seen` ([B,V] bool, the
+    tokens of the prompt and output so far) is needed only for a repetition penalty."""
+    if sampling.repetition_penalty != 1.0:
+        logits = _penalise(logits, seen, sampling.repetition_penalty)
+    return _choose(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                   sampling.generator)
+
+
+def mark_seen(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """A [1,V] bool row marking `ids` (clamped to the vocabulary), on the logits' device."""
+    seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+    seen[0, torch.tensor(ids, device=logits.device).clamp(0, logits.shape[-1] - 1)] = True
+    return seen
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """(text before the first stop string, whether one was found)."""
     positions = [text.find(s) for s in stops if s in text]
     if not positions:
         return text, False
     return text[: min(positions)], True
 
 
-def _sample_batch(model, tokenizer, prompts, *, max_new_tokens, temperature, top_k, top_p,
-                  repetition_penalty, generator, stops) -> list[str]:
+def releasable(text: str, emitted: int, stops: list[str]) -> int:
+    """How much of `text` (a stream's output so far, cut at its stops, `emitted` characters of
+    it already sent) can be sent: everything but a trailing incomplete character (U+FFFD) or a
+    suffix that could still grow into a stop string, which the next tokens will decide."""
+    safe = len(text)
+    while safe > emitted and text[safe - 1] == "\ufffd":
+        safe -= 1
+    for s in stops:  # hold back a suffix that could grow into a stop string
+        for k in range(min(len(s) - 1, safe - emitted), 0, -1):
+            if text[safe - k: safe] == s[:k]:
+                safe -= k
+                break
+    return safe
+
+
+# --------------------------------------------------------------------------------------------
+# The decoding loops of `generate`.
+
+
+def _sample_batch(model, tokenizer, prompts, *, max_new_tokens, sampling, stops) -> list[str]:
     """Greedy or sampled continuation of every prompt, all advanced together one step at a time."""
-    prompt_ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    all_ids = [prompt_ids(tokenizer, p) for p in prompts]
     if max_new_tokens == 0:
         return [""] * len(prompts)
     # Prompts differ in length: read each alone, then stack the states into one batch.
-    firsts = [_read_prompt(model, ids) for ids in prompt_ids]
+    firsts = [read_prompt(model, ids) for ids in all_ids]
     logits = torch.stack([f[0] for f in firsts])
     state = tuple(torch.cat([f[1][i] for f in firsts], dim=1) for i in range(2))
-    vocab = logits.shape[-1]
-    seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=logits.device)
-    for row, ids in enumerate(prompt_ids):
-        seen[row, torch.tensor(ids, device=logits.device).clamp(0, vocab - 1)] = True
+    seen = torch.cat([mark_seen(logits, ids) for ids in all_ids])
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step in range(max_new_tokens):
-        tokens = _choose(_penalise(logits, seen, repetition_penalty), temperature, top_k, top_p,
-                         generator)
+        tokens = next_token(logits, seen, sampling)
         for row, token in enumerate(tokens.tolist()):
             if not done[row]:
                 outputs[row].append(token)
                 seen[row, token] = True
                 if stops:
-                    done[row] = _cut_at_stop(tokenizer.decode(outputs[row]), stops)[1]
+                    done[row] = cut_at_stop(tokenizer.decode(outputs[row]), stops)[1]
         if all(done) or step == max_new_tokens - 1:
             break
-        logits, state = _advance(model, tokens, state)
-    return [_cut_at_stop(tokenizer.decode(ids), stops)[0] for ids in outputs]
+        logits, state = advance(model, tokens, state)
+    return [cut_at_stop(tokenizer.decode(ids), stops)[0] for ids in outputs]
 
 
-def _stream(model, tokenizer, prompt, *, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, generator, stops) -> Iterator[str]:
+def _stream(model, tokenizer, prompt, *, max_new_tokens, sampling, stops) -> Iterator[str]:
     """Yield the continuation piece by piece. Text is released only once it can no longer
     change: a trailing incomplete character (U+FFFD) or a possible start of a stop string is
     held back until the next tokens decide it."""
     was_training = model.training
     model.eval()
     try:
-        ids = _prompt_ids(tokenizer, prompt)
+        ids = prompt_ids(tokenizer, prompt)
         if max_new_tokens == 0:
             return
-        logits, state = _read_prompt(model, ids)
+        logits, state = read_prompt(model, ids)
         logits = logits.unsqueeze(0)
-        seen = torch.zeros_like(logits, dtype=torch.bool)
-        seen[0, torch.tensor(ids, device=logits.device).clamp(0, logits.shape[-1] - 1)] = True
+        seen = mark_seen(logits, ids)
         out: list[int] = []
         emitted = 0
         for step in range(max_new_tokens):
-            token = _choose(_penalise(logits, seen, repetition_penalty), temperature, top_k,
-                            top_p, generator)
+            token = next_token(logits, seen, sampling)
             out.append(int(token))
             seen[0, token] = True
-            text, stopped = _cut_at_stop(tokenizer.decode(out), stops)
+            text, stopped = cut_at_stop(tokenizer.decode(out), stops)
             if stopped:
                 break
-            safe = len(text)
-            while safe > emitted and text[safe - 1] == "\ufffd":
-                safe -= 1
-            for s in stops:  # hold back a suffix that could grow into a stop string
-                for k in range(min(len(s) - 1, safe - emitted), 0, -1):
-                    if text[safe - k: safe] == s[:k]:
-                        safe -= k
-                        break
+            safe = releasable(text, emitted, stops)
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
             if step == max_new_tokens - 1:
                 break
-            logits, state = _advance(model, token, state)
+            logits, state = advance(model, token, state)
         if len(text) > emitted:
             yield text[emitted:]
     finally:
         model.train(was_training)
 
 
-def _beam_search(model, tokenizer, prompt, num_beams, *, max_new_tokens, temperature, top_k,
-                 top_p, repetition_penalty, generator, stops) -> str:
+def _beam_search(model, tokenizer, prompt, num_beams, *, max_new_tokens, sampling, stops) -> str:
     """Keep the `num_beams` continuations of highest total log-probability; a beam that hits a
-    stop string (or the length limit) is finished; the best finished beam wins."""
-    del temperature, top_k, top_p, generator  # beam search is deterministic
-    ids = _prompt_ids(tokenizer, prompt)
+    stop string (or the length limit) is finished; the best finished beam wins. Only the
+    repetition penalty of `sampling` applies: beam search is deterministic."""
+    repetition_penalty = sampling.repetition_penalty
+    ids = prompt_ids(tokenizer, prompt)
     if max_new_tokens == 0:
         return ""
-    logits, state = _read_prompt(model, ids)
+    logits, state = read_prompt(model, ids)
     logits = logits.unsqueeze(0)
     vocab = logits.shape[-1]
     beams: list[list[int]] = [[]]
@@ -249,7 +298,7 @@ def _beam_search(model, tokenizer, prompt, num_beams, *, max_new_tokens, tempera
         for index in best.tolist():
             parent, token = divmod(index, vocab)
             candidate = beams[parent] + [token]
-            if stops and _cut_at_stop(tokenizer.decode(candidate), stops)[1]:
+            if stops and cut_at_stop(tokenizer.decode(candidate), stops)[1]:
                 finished.append((float(total[index]), candidate))
                 continue
             new_beams.append(candidate)
@@ -264,7 +313,7 @@ def _beam_search(model, tokenizer, prompt, num_beams, *, max_new_tokens, tempera
         beams, scores = new_beams, torch.stack(new_scores)
         index = torch.tensor(parents, device=logits.device)
         state = tuple(s.index_select(1, index) for s in state)
-        logits, state = _advance(model, torch.tensor([b[-1] for b in beams],
-                                                     device=logits.device), state)
+        last_tokens = torch.tensor([b[-1] for b in beams], device=logits.device)
+        logits, state = advance(model, last_tokens, state)
     best_beam = max(finished, key=lambda f: f[0])[1]
-    return _cut_at_stop(tokenizer.decode(best_beam), stops)[0]
+    return cut_at_stop(tokenizer.decode(best_beam), stops)[0]
