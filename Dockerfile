@@ -22,9 +22,8 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# 1: no AVX2/AVX-512 of the build machine baked in, so the image runs on any x86-64 host;
-# 0 builds for the build machine's CPU (faster where it was built).
-ARG PYENGINE_PORTABLE=1
+# The wheel carries baseline, AVX2 and AVX-512 kernels and picks on the host's CPU at run time,
+# so the image runs on any x86-64 host at that host's best speed.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 # torch first, from its CPU wheel index: the build compiles against it, and a plain
@@ -33,8 +32,7 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
     && pip install --no-cache-dir setuptools wheel ninja pybind11
 WORKDIR /src
 COPY . .
-RUN PYENGINE_PORTABLE=${PYENGINE_PORTABLE} \
-    pip wheel --no-cache-dir --no-build-isolation --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --no-build-isolation --no-deps --wheel-dir /wheels .
 
 # ---- runtime: torch, the wheel and its dependencies, no compiler ----------------------------
 FROM ${PYTHON_IMAGE}
