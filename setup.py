@@ -48,7 +48,9 @@ ISA_FLAGS = {
 }
 IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_LINK_ORDER = tuple(ISA_FLAGS) if IS_X86_64 else ("default",)
-sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+sources = sorted(
+    glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp")
+)
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 # The extension must share the process's one libstdc++, the shared library torch itself uses.
 # Linked from libstdc++.a instead (LDFLAGS=-static-libstdc++, or a toolchain whose libstdc++.so

@@ -1,6 +1,8 @@
-// The one place pyengine's op schemas are declared. Kernels register against these names for
-// the CPU key (csrc/cpu/*.cpp), the CUDA key (Triton, from pyengine/ops/*.py) and Meta/fake
-// (pyengine/ops/*.py).
+// The one place pyengine's op schemas are declared. Each differentiable op has a public schema
+// (lstm_layer, lstm_stack, embedding_lstm_layer, cross_entropy, linear_cross_entropy) whose one
+// derivative and autocast rules are attached in C++ for every backend (csrc/autograd/), over
+// internal *_forward / *_backward ops that hold the kernels: CPU (csrc/cpu/*.cpp), CUDA (Triton,
+// registered from pyengine/ops/*.py) and Meta/fake (pyengine/ops/*.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(pyengine, m) {
@@ -14,6 +16,11 @@ TORCH_LIBRARY(pyengine, m) {
       "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  // The public op: lstm_layer_forward's first three results, differentiable (csrc/autograd).
+  m.def(
+      "lstm_layer(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n)");
   // Gradients of lstm_layer_forward. Undefined-by-choice results come back as empty tensors:
   // grad_input when compute_input_grad is false, grad_bias when has_bias is false,
   // grad_w_hr when w_hr is None.
@@ -32,8 +39,7 @@ TORCH_LIBRARY(pyengine, m) {
   m.def(
       "lstm_stack_forward(Tensor input, Tensor h0, Tensor c0, Tensor[] weights, bool has_bias) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)");
-  // lstm_stack_forward's first three results with the derivative attached in C++ (CPU; see
-  // csrc/cpu/lstm_autograd.cpp): the eager path, free of Python between the two ops.
+  // The public op: lstm_stack_forward's first three results, differentiable (csrc/autograd).
   m.def(
       "lstm_stack(Tensor input, Tensor h0, Tensor c0, Tensor[] weights, bool has_bias) "
       "-> (Tensor output, Tensor h_n, Tensor c_n)");
@@ -54,8 +60,7 @@ TORCH_LIBRARY(pyengine, m) {
       "embedding_lstm_layer_forward(Tensor tokens, Tensor table, Tensor h0, Tensor c0, "
       "Tensor w_hh, bool reverse) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
-  // embedding_lstm_layer_forward's first three results with the derivative attached in C++
-  // (CPU; csrc/cpu/lstm_autograd.cpp), as lstm_stack.
+  // The public op: embedding_lstm_layer_forward's first three results, differentiable.
   m.def(
       "embedding_lstm_layer(Tensor tokens, Tensor table, Tensor h0, Tensor c0, Tensor w_hh, "
       "bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
@@ -89,6 +94,11 @@ TORCH_LIBRARY(pyengine, m) {
       "Tensor? sample_weight, int ignore_index, float label_smoothing, float gamma, "
       "float z_loss, int reduction, bool compute_grad) "
       "-> (Tensor loss, Tensor lse, Tensor grad_logits)");
+  // The public op: cross_entropy_forward's loss, differentiable w.r.t. logits (csrc/autograd).
+  m.def(
+      "cross_entropy(Tensor logits, Tensor target, Tensor? weight, Tensor? sample_weight, "
+      "int ignore_index, float label_smoothing, float gamma, float z_loss, int reduction) "
+      "-> Tensor");
   // d loss / d logits recomputed from the logits; grad_loss: [N] (none) or a scalar. lse is the
   // forward's (shape-checked; the row statistics are recomputed, for precision at large logits).
   m.def(
@@ -105,6 +115,13 @@ TORCH_LIBRARY(pyengine, m) {
       "float gamma, float z_loss, int reduction, bool compute_grad, bool count_correct, "
       "int chunk_size) -> (Tensor loss, Tensor lse, Tensor correct, Tensor grad_hidden, "
       "Tensor grad_weight, Tensor grad_bias)");
+  // The public op: linear_cross_entropy_forward's loss and correct count, differentiable w.r.t.
+  // hidden, weight and bias (csrc/autograd).
+  m.def(
+      "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor? class_weight, Tensor? sample_weight, int ignore_index, float label_smoothing, "
+      "float gamma, float z_loss, int reduction, bool count_correct, int chunk_size) "
+      "-> (Tensor loss, Tensor correct)");
   // Gradients recomputed chunk by chunk (logits and row statistics); grad_loss: [N] (none) or a
   // scalar; lse as in cross_entropy_backward.
   // grad_bias is empty without bias.

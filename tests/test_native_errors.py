@@ -29,6 +29,9 @@ CASES = {
         "lstm_layer_backward",
         "args = (t(3, 2, 5), t(2, 5), t(2, 5), t(3, 2, 4), t(2, 5), t(2, 5), t(20, 4), t(20, 5), "
         "None, None, t(3, 2, 5), t(3, 2, 7), t(3, 2, 5), False, False, True)"),
+    "lstm_layer: h0 of the wrong width": (
+        "lstm_layer",
+        "args = (t(3, 2, 4), t(2, 6), t(2, 5), t(20, 4), t(20, 5), None, None, None, None, True)"),
     "lstm_stack_forward: 3 weights for a layer": (
         "lstm_stack_forward",
         "args = (t(3, 2, 4), t(1, 2, 5), t(1, 2, 5), [t(20, 4), t(20, 5), t(20)], True)"),
@@ -60,6 +63,9 @@ CASES = {
     "cross_entropy_forward: target out of range": (
         "cross_entropy_forward",
         "args = (t(4, 7), torch.tensor([0, 1, 9, 2]), None, None, -100, 0.0, 0.0, 0.0, 1, True)"),
+    "cross_entropy: target out of range": (
+        "cross_entropy",
+        "args = (t(4, 7), torch.tensor([0, 1, 7, 2]), None, None, -100, 0.0, 0.0, 0.0, 0)"),
     "cross_entropy_backward: lse of the wrong length": (
         "cross_entropy_backward",
         "args = (t(()), t(4, 7), torch.tensor([0, 1, 2, 3]), None, None, t(3), -100, 0.0, 0.0, "
@@ -68,6 +74,10 @@ CASES = {
         "linear_cross_entropy_forward",
         "args = (t(4, 3), t(7, 3), None, torch.tensor([0, 1, 70, 2]), None, None, -100, 0.0, 0.0, "
         "0.0, 1, True, False, 0)"),
+    "linear_cross_entropy: class weights of the wrong length": (
+        "linear_cross_entropy",
+        "args = (t(4, 3), t(7, 3), None, torch.tensor([0, 1, 2, 3]), t(5), None, -100, 0.0, 0.0, "
+        "0.0, 1, False, 0)"),
     "linear_cross_entropy_backward: hidden width not the weight's": (
         "linear_cross_entropy_backward",
         "args = (t(()), t(4, 3), t(7, 5), None, torch.tensor([0, 1, 2, 3]), None, None, t(4), "

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from pyengine.ops._common import check_tensor, supported_dtypes
-from pyengine.ops.lstm import embedding_lstm, lstm, lstm_layer, run_stack
+from pyengine.ops._common import check_tensor
+from pyengine.ops.lstm import embedding_lstm, lstm, lstm_layer
 
 
 class LSTM(nn.Module):
@@ -139,9 +139,8 @@ class LSTM(nn.Module):
         return s
 
     def forward(self, input, hx=None):
-        result = self._plain_stack_forward(input, hx)
-        if result is not None:
-            return result
+        """As torch.nn.LSTM.forward: the input's layout is undone, then one route into the ops
+        (`lstm`, one op for a plain stack), then the layout is redone."""
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -170,7 +169,7 @@ class LSTM(nn.Module):
             x, h0, c0, self._layer_weights(),
             num_layers=self.num_layers, bidirectional=self.bidirectional,
             dropout=self.dropout, training=self.training, batch_sizes=batch_sizes,
-            layer_fn=self._layer_function(),
+            layer_fn=self._layer_function(), validate=False,
         )
         if packed:
             output = PackedSequence(
@@ -182,37 +181,6 @@ class LSTM(nn.Module):
             return output, (h_n, c_n)
         if not batched:
             return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        return output, (h_n, c_n)
-
-    def _plain_stack_forward(self, input, hx):
-        """forward() of the common call, a batched tensor and no initial state through a plain
-        stack (one direction, no projection, no dropout at work, the float kernels), without
-        the general path's per-weight checks: the module's own weights are valid by
-        construction, and only their dtype and device are compared with the input's. None
-        where this does not apply; the general path then checks and runs everything."""
-        if (
-            hx is not None
-            or type(input) is not torch.Tensor
-            or input.dim() != 3
-            or input.numel() == 0
-            or input.shape[-1] != self.input_size
-            or self.bidirectional
-            or self.proj_size > 0
-            or (self.dropout > 0 and self.training)
-            or type(self)._layer_function is not LSTM._layer_function
-        ):
-            return None
-        flat = [getattr(self, name) for name in self._flat_weights_names]
-        dtype, device = input.dtype, input.device
-        if dtype not in supported_dtypes(device) or any(
-            w.dtype != dtype or w.device != device for w in flat
-        ):
-            return None
-        x = input.transpose(0, 1) if self.batch_first else input
-        zeros = x.new_zeros(self.num_layers, x.shape[1], self.hidden_size)
-        output, h_n, c_n = run_stack(x, zeros, zeros, flat, self.bias)
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)

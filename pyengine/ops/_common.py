@@ -1,8 +1,10 @@
 """Shared machinery of the op contract: registration helpers and argument validation.
 
-A new op family declares its schema in csrc/ops.cpp, registers its CPU kernel in
-csrc/cpu/<family>.cpp, and in pyengine/ops/<family>.py uses these helpers to add the fake
-(meta) kernel, the autograd formula and the Triton kernel for CUDA.
+A new op family declares its schemas in csrc/ops.cpp (a public op and its internal
+forward/backward ops), registers its CPU kernels in csrc/cpu/<family>.cpp and its derivative and
+autocast rules in csrc/autograd/<family>.cpp, and in pyengine/ops/<family>.py validates the
+arguments, adds the fake (meta) kernels and registers the Triton kernels for CUDA with these
+helpers. ARCHITECTURE.md lists the files.
 """
 
 from __future__ import annotations
@@ -29,43 +31,6 @@ def register_fake(name: str):
     return torch.library.register_fake(qualified(name))
 
 
-def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
-    """Attach the derivative of op `name`; backward calls our own backward op."""
-    torch.library.register_autograd(qualified(name), backward, setup_context=setup_context)
-
-
-def eager_function(op: str, setup_context, backward) -> type[torch.autograd.Function]:
-    """Op `op`'s registered autograd formula as a plain autograd.Function, for eager calls.
-
-    Old-style forward(ctx, ...): with a separate setup_context, Function.apply binds the
-    arguments through inspect.signature on every call; and the op is called below the
-    Autograd key, skipping the registered formula's Python wrapper (about 80 us a layer
-    call together, measured)."""
-
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = native(op)(*args)
-        setup_context(ctx, args, output)
-        return output
-
-    def checked_backward(ctx, *grads):
-        refuse_double_backward(op)
-        return backward(ctx, *grads)
-
-    return type(f"_{op}_function", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(checked_backward)})
-
-
-def refuse_double_backward(op: str) -> None:
-    """Raise in an eager backward asked to build a graph (create_graph=True): our backward
-    kernels are not differentiable, and their results would otherwise count as constants,
-    giving higher-order gradients of zero without a word."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"pyengine::{op}: double backward (create_graph=True) is not supported"
-        )
-
-
 def register_cuda_kernel(name: str, kernel: Callable) -> None:
     """Register the Triton implementation of op `name` for CUDA tensors."""
     torch.library.register_kernel(qualified(name), "cuda", kernel)
@@ -81,12 +46,31 @@ def triton_available() -> bool:
 
 # ---- validation: every message names the argument, what was given and what was expected -------
 
-CPU_DTYPES = (torch.float32, torch.float64)
-CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_F32, _F64, _BF16, _F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+
+# The floating dtypes each op family takes, per device: the one dtype policy of the package.
+# (The cross-entropy family takes bfloat16/float16 on the CPU too, computing them in float32.)
+DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
+    "lstm": {"cpu": (_F32, _F64), "cuda": (_F32, _BF16, _F16)},
+    "cross_entropy": {"cpu": (_F32, _F64, _BF16, _F16), "cuda": (_F32, _BF16, _F16)},
+    "clip": {"cpu": (_F32, _F64, _BF16, _F16), "cuda": (_F32, _F64, _BF16, _F16)},
+    "prune": {"cpu": (_F32, _F64), "cuda": (_F32, _BF16, _F16)},
+    "int8": {"cpu": (_F32,), "cuda": (_F32,)},
+}
+# Dtypes an op's autocast rule (csrc/autograd) casts from while autocast is on for the device.
+_AUTOCAST_INPUTS = (_F32, _BF16, _F16)
 
 
-def supported_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
-    return CUDA_DTYPES if device.type == "cuda" else CPU_DTYPES
+def supported_dtypes(family: str, device: torch.device) -> tuple[torch.dtype, ...]:
+    """The floating dtypes family `family` takes on `device` (CUDA's set on other GPUs)."""
+    table = DTYPES[family]
+    return table["cpu"] if device.type == "cpu" else table["cuda"]
+
+
+def autocast_on(device: torch.device) -> bool:
+    """Whether an autocast region is active for the device's type (the public ops then cast
+    their floating inputs themselves, so mixed or lower-precision inputs are fine)."""
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
 
 
 def check_tensor(
@@ -96,17 +80,21 @@ def check_tensor(
     ndim: int | Iterable[int] | None = None,
     dtype: torch.dtype | None = None,
     floating: bool = True,
+    family: str = "lstm",
 ) -> None:
-    """Raise TypeError/ValueError unless `value` is a tensor of the expected kind."""
+    """Raise TypeError/ValueError unless `value` is a tensor of the expected kind: with
+    floating=True, of a dtype family `family` takes on its device (DTYPES)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if floating and not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    if floating and value.dtype not in supported_dtypes(value.device):
-        allowed = ", ".join(str(d) for d in supported_dtypes(value.device))
+    allowed = supported_dtypes(family, value.device)
+    if floating and value.dtype not in allowed and not (
+        value.dtype in _AUTOCAST_INPUTS and autocast_on(value.device)
+    ):
         raise TypeError(
             f"{name} has dtype {value.dtype}, which is not supported on {value.device.type} "
-            f"(supported: {allowed})"
+            f"(supported: {', '.join(str(d) for d in allowed)})"
         )
     if dtype is not None and value.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {value.dtype}")
@@ -123,7 +111,8 @@ def check_shape(value: torch.Tensor, name: str, expected: tuple[int, ...]) -> No
 
 
 def check_same_device_and_dtype(named: dict[str, torch.Tensor | None]) -> None:
-    """All given tensors share the first one's device and dtype."""
+    """All given tensors share the first one's device, and dtype (unless autocast is on for
+    that device: the op's autocast rule then casts them to one)."""
     items = [(k, v) for k, v in named.items() if v is not None]
     if not items:
         return
@@ -134,7 +123,7 @@ def check_same_device_and_dtype(named: dict[str, torch.Tensor | None]) -> None:
                 f"{name} is on {value.device} but {first_name} is on {first.device}; "
                 "all tensors must be on the same device"
             )
-        if value.dtype != first.dtype:
+        if value.dtype != first.dtype and not autocast_on(first.device):
             raise TypeError(
                 f"{name} has dtype {value.dtype} but {first_name} has {first.dtype}; "
                 "all tensors must share one dtype"

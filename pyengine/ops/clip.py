@@ -26,9 +26,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pyengine.ops._common import native, register_cuda_kernel, register_fake, triton_available
+from pyengine.ops._common import (
+    DTYPES,
+    native,
+    register_cuda_kernel,
+    register_fake,
+    triton_available,
+)
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = DTYPES["clip"]["cpu"]  # the same set on CUDA
 SUPPORTED_DEVICES = ("cpu", "cuda")
 
 

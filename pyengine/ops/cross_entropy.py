@@ -18,7 +18,11 @@ is torch.nn.functional.cross_entropy's.
 Backends: C++ on CPU (float32, float64; bfloat16/float16 are computed in float32 and the loss is
 returned in the input dtype), Triton on CUDA (float32, bfloat16, float16, accumulated in float32).
 Gradients flow to logits / hidden, weight and bias; class weights and sample weights are
-constants (no gradient).
+constants (no gradient). Each function validates its arguments and calls one public op
+(torch.ops.pyengine.cross_entropy / linear_cross_entropy) whose derivative and autocast rules
+live in csrc/autograd/cross_entropy.cpp: under autocast, cross_entropy computes in float32 and
+linear_cross_entropy runs its GEMMs in the autocast dtype on CUDA (float32 on the CPU), both
+returning a float32 loss.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from __future__ import annotations
 import torch
 
 from pyengine.ops._common import (
-    eager_function,
+    autocast_on,
+    check_tensor,
     native,
-    register_autograd,
     register_cuda_kernel,
     register_fake,
     triton_available,
@@ -42,14 +46,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _check_float(value, name: str) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    allowed = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-    if value.dtype not in allowed:
-        raise TypeError(
-            f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), "
-            f"got dtype {value.dtype}"
-        )
+    check_tensor(value, name, family="cross_entropy")
 
 
 def _check_options(reduction, label_smoothing, gamma, z_loss, ignore_index) -> int:
@@ -128,6 +125,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _result_dtype(x: torch.Tensor, loss: torch.Tensor) -> torch.dtype:
+    """The loss comes back in the input's dtype, or as the op made it under autocast (float32,
+    as torch's own losses there)."""
+    return loss.dtype if autocast_on(x.device) else x.dtype
+
+
 # ---- cross_entropy -------------------------------------------------------------------------------
 
 
@@ -175,16 +178,11 @@ def cross_entropy(
     x = x.to(dtype)
     w = _check_weight(weight, "weight", C, x)
     s = _check_sample_weight(sample_weight, target_shape, x)
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    args = (x, target.reshape(-1), w, s, ignore_index, float(label_smoothing), float(gamma),
-            float(z_loss), code, compute_grad)
-    if compute_grad and not torch.compiler.is_compiling():
-        loss, _, _ = _CrossEntropyFunction.apply(*args)
-    else:
-        loss, _, _ = native("cross_entropy_forward")(*args)
+    loss = native("cross_entropy")(x, target.reshape(-1), w, s, ignore_index,
+                                   float(label_smoothing), float(gamma), float(z_loss), code)
     if code == 0:
         loss = loss.reshape(target_shape)
-    return loss.to(logits.dtype)
+    return loss.to(_result_dtype(logits, loss))
 
 
 @register_fake("cross_entropy_forward")
@@ -197,43 +195,16 @@ def _cross_entropy_forward_fake(logits, target, weight, sample_weight, ignore_in
     return loss, logits.new_empty(N, dtype=stat), grad
 
 
+@register_fake("cross_entropy")
+def _cross_entropy_fake(logits, target, weight, sample_weight, ignore_index, label_smoothing,
+                        gamma, z_loss, reduction):
+    return logits.new_empty(logits.shape[0]) if reduction == 0 else logits.new_empty(())
+
+
 @register_fake("cross_entropy_backward")
 def _cross_entropy_backward_fake(grad_loss, logits, target, weight, sample_weight, lse,
                                  ignore_index, label_smoothing, gamma, z_loss, reduction):
     return logits.new_empty(logits.shape)
-
-
-def _ce_setup_context(ctx, inputs, output):
-    logits, target, weight, sample_weight, ignore_index, ls, gamma, z_loss, reduction, cg = inputs
-    _, lse, grad = output
-    ctx.fused = bool(cg)
-    ctx.reduction = reduction
-    ctx.options = (ignore_index, ls, gamma, z_loss, reduction)
-    if ctx.fused:
-        ctx.save_for_backward(grad)
-    else:
-        ctx.save_for_backward(logits, target, weight, sample_weight, lse)
-    ctx.mark_non_differentiable(lse, grad)
-    ctx.set_materialize_grads(False)  # no zero-filled [N,C] for the unused outputs
-
-
-def _ce_backward(ctx, grad_loss, _grad_lse, _grad_grad):
-    if grad_loss is None:
-        return (None,) * 10
-    if ctx.fused:
-        (grad,) = ctx.saved_tensors
-        scale = grad_loss[:, None] if ctx.reduction == 0 else grad_loss
-        grad_logits = grad * scale.to(grad.dtype)
-    else:
-        logits, target, weight, sample_weight, lse = ctx.saved_tensors
-        grad_logits = native("cross_entropy_backward")(
-            grad_loss, logits, target, weight, sample_weight, lse, *ctx.options
-        )
-    return grad_logits, None, None, None, None, None, None, None, None, None
-
-
-register_autograd("cross_entropy_forward", _ce_backward, _ce_setup_context)
-_CrossEntropyFunction = eager_function("cross_entropy_forward", _ce_setup_context, _ce_backward)
 
 
 # ---- linear_cross_entropy ------------------------------------------------------------------------
@@ -278,7 +249,7 @@ def linear_cross_entropy(
         raise ValueError("weight must have at least one row (class)")
     if hidden.device != weight.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    if hidden.dtype != weight.dtype:
+    if hidden.dtype != weight.dtype and not autocast_on(hidden.device):
         raise TypeError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}")
     target_shape = tuple(hidden.shape[:-1])
     target = _check_target(target, target_shape)
@@ -298,19 +269,12 @@ def linear_cross_entropy(
         b = bias.to(dtype)
     cw = _check_weight(class_weight, "class_weight", V, h)
     s = _check_sample_weight(sample_weight, target_shape, h)
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    compute_grad = needs_grad and code != 0
-    args = (h, W, b, target.reshape(-1), cw, s, ignore_index, float(label_smoothing),
-            float(gamma), float(z_loss), code, compute_grad, bool(return_correct), chunk_size)
-    if needs_grad and not torch.compiler.is_compiling():
-        loss, _, correct, _, _, _ = _LinearCrossEntropyFunction.apply(*args)
-    else:
-        loss, _, correct, _, _, _ = native("linear_cross_entropy_forward")(*args)
+    loss, correct = native("linear_cross_entropy")(
+        h, W, b, target.reshape(-1), cw, s, ignore_index, float(label_smoothing), float(gamma),
+        float(z_loss), code, bool(return_correct), chunk_size)
     if code == 0:
         loss = loss.reshape(target_shape)
-    loss = loss.to(hidden.dtype)
+    loss = loss.to(_result_dtype(hidden, loss))
     return (loss, correct) if return_correct else loss
 
 
@@ -332,6 +296,14 @@ def _linear_cross_entropy_forward_fake(hidden, weight, bias, target, class_weigh
     )
 
 
+@register_fake("linear_cross_entropy")
+def _linear_cross_entropy_fake(hidden, weight, bias, target, class_weight, sample_weight,
+                               ignore_index, label_smoothing, gamma, z_loss, reduction,
+                               count_correct, chunk_size):
+    loss = hidden.new_empty(hidden.shape[0]) if reduction == 0 else hidden.new_empty(())
+    return loss, hidden.new_empty((), dtype=torch.int64)
+
+
 @register_fake("linear_cross_entropy_backward")
 def _linear_cross_entropy_backward_fake(grad_loss, hidden, weight, bias, target, class_weight,
                                         sample_weight, lse, ignore_index, label_smoothing, gamma,
@@ -340,60 +312,6 @@ def _linear_cross_entropy_backward_fake(grad_loss, hidden, weight, bias, target,
     grad_bias = new(weight.shape[0]) if bias is not None else new(0)
     return new(hidden.shape), new(weight.shape), grad_bias
 
-
-def _lce_setup_context(ctx, inputs, output):
-    (hidden, weight, bias, target, class_weight, sample_weight, ignore_index, ls, gamma, z_loss,
-     reduction, compute_grad, _count, chunk_size) = inputs
-    _, lse, correct, grad_h, grad_w, grad_b = output
-    ctx.has_bias = bias is not None
-    ctx.options = (ignore_index, ls, gamma, z_loss, reduction, chunk_size)
-    # What the recomputing backward needs (references to tensors that exist anyway).
-    ctx.save_for_backward(hidden, weight, bias, target, class_weight, sample_weight, lse)
-    # The fused forward's gradients, for the first backward only (see _lce_backward). Kept as an
-    # attribute, not a saved tensor: once handed on they may become .grad and change in place.
-    ctx.forward_grads = (grad_h, grad_w, grad_b) if compute_grad else None
-    ctx.mark_non_differentiable(lse, correct, grad_h, grad_w, grad_b)
-    ctx.set_materialize_grads(False)  # no zero-filled [N,H] and [V,H] for the unused outputs
-
-
-def _is_plain_one(grad_loss: torch.Tensor) -> bool:
-    """Whether grad_loss is a real CPU scalar equal to 1 (a plain loss.backward()) in a backward
-    that builds no graph of its own."""
-    return (
-        type(grad_loss) is torch.Tensor  # not a fake or functional tensor being traced
-        and grad_loss.device.type == "cpu"
-        and grad_loss.numel() == 1
-        and not torch.is_grad_enabled()  # create_graph=True differentiates through grad_loss
-        and not torch.compiler.is_compiling()
-        and grad_loss.item() == 1.0
-    )
-
-
-def _lce_backward(ctx, grad_loss, *_unused):
-    if grad_loss is None:
-        return (None,) * 14
-    grads, ctx.forward_grads = ctx.forward_grads, None
-    if grads is not None:
-        # The first backward uses the gradients the fused forward computed, and lets go of them:
-        # for a plain loss.backward() they are final and are handed on as they are (no scaling
-        # pass over a [V,H] tensor), so AccumulateGrad may adopt them as .grad.
-        if not _is_plain_one(grad_loss):
-            g = grad_loss.to(grads[0].dtype)
-            grads = tuple(t * g for t in grads)
-        grad_h, grad_w, grad_b = grads
-    else:  # not fused, or a second backward through a retained graph: recompute
-        hidden, weight, bias, target, class_weight, sample_weight, lse = ctx.saved_tensors
-        grad_h, grad_w, grad_b = native("linear_cross_entropy_backward")(
-            grad_loss, hidden, weight, bias, target, class_weight, sample_weight, lse,
-            *ctx.options,
-        )
-    return (grad_h, grad_w, grad_b if ctx.has_bias else None) + (None,) * 11
-
-
-register_autograd("linear_cross_entropy_forward", _lce_backward, _lce_setup_context)
-_LinearCrossEntropyFunction = eager_function(
-    "linear_cross_entropy_forward", _lce_setup_context, _lce_backward
-)
 
 if torch.version.cuda is not None and triton_available():  # a CUDA build of torch
     from pyengine.kernels import cross_entropy as _triton_ce

@@ -2,10 +2,16 @@
 
 `lstm_layer` runs one direction of one layer as a single native op (time loop in C++ on CPU,
 per-step fused Triton kernels on CUDA); `lstm` stacks layers and directions the way
-torch.nn.LSTM does. `embedding_lstm_layer` / `embedding_lstm` are the same for a stack fed
-straight from an embedding, with the first layer's input projection read from a per-vocabulary
-table instead of computed per token. Supported dtypes: float32 and float64 on CPU; float32,
-bfloat16 and float16 on CUDA.
+torch.nn.LSTM does, as one `lstm_stack` op when the stack is plain (one direction, no
+projection, packing or dropout at work). `embedding_lstm_layer` / `embedding_lstm` are the same
+for a stack fed straight from an embedding, with the first layer's input projection read from a
+per-vocabulary table instead of computed per token. Supported dtypes: float32 and float64 on
+CPU; float32, bfloat16 and float16 on CUDA; under autocast the ops cast their inputs themselves
+(float32 on CPU, the autocast dtype on CUDA).
+
+Each function here validates its arguments and calls one public op (torch.ops.pyengine.
+lstm_layer, lstm_stack or embedding_lstm_layer), whose derivative and autocast rules live in
+csrc/autograd/lstm.cpp: the same route for eager calls, torch.compile, CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -15,15 +21,14 @@ from collections.abc import Callable
 import torch
 
 from pyengine.ops._common import (
+    autocast_on,
     check_same_device_and_dtype,
     check_shape,
     check_tensor,
-    eager_function,
     native,
-    refuse_double_backward,
-    register_autograd,
     register_cuda_kernel,
     register_fake,
+    supported_dtypes,
     triton_available,
 )
 
@@ -91,18 +96,8 @@ def lstm_layer(
     per step (packed sequences). Returns output [T,N,P], h_n [N,P], c_n [N,H].
     """
     _validate_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes)
-    args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
-    if torch.compiler.is_compiling():  # compile traces the op with its registered formula
-        output, h_n, c_n, _, _ = native("lstm_layer_forward")(*args)
-    elif torch.is_grad_enabled():
-        # Same derivative as the registered formula, with less per-call overhead.
-        output, h_n, c_n, _, _ = _LayerFunction.apply(*args)
-    else:
-        # No gradient: straight to the kernel, past the registered formula's Python wrapper
-        # (which parameters requiring grad would route every decoding step through).
-        with torch._C._AutoDispatchBelowAutograd():
-            output, h_n, c_n, _, _ = native("lstm_layer_forward")(*args)
-    return output, h_n, c_n
+    return native("lstm_layer")(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                reverse)
 
 
 def _validate_embedding_layer(tokens, table, h0, c0, w_hh) -> None:
@@ -153,17 +148,7 @@ def embedding_lstm_layer(
     Returns output [T,N,H], h_n [N,H], c_n [N,H].
     """
     _validate_embedding_layer(tokens, table, h0, c0, w_hh)
-    args = (tokens, table, h0, c0, w_hh, reverse)
-    if torch.compiler.is_compiling():
-        output, h_n, c_n, _, _ = native("embedding_lstm_layer_forward")(*args)
-    elif torch.is_grad_enabled() and table.device.type == "cpu":
-        output, h_n, c_n = native("embedding_lstm_layer")(*args)
-    elif torch.is_grad_enabled():
-        output, h_n, c_n, _, _ = _EmbeddingLayerFunction.apply(*args)
-    else:
-        with torch._C._AutoDispatchBelowAutograd():
-            output, h_n, c_n, _, _ = native("embedding_lstm_layer_forward")(*args)
-    return output, h_n, c_n
+    return native("embedding_lstm_layer")(tokens, table, h0, c0, w_hh, reverse)
 
 
 def embedding_lstm(
@@ -225,6 +210,7 @@ def lstm(
     training: bool = False,
     batch_sizes: torch.Tensor | None = None,
     layer_fn: Callable = lstm_layer,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A stack of LSTM layers, as torch.nn.LSTM computes it (time-major).
 
@@ -232,7 +218,9 @@ def lstm(
     (w_ih, w_hh, b_ih, b_hh, w_hr) in torch's order (layer-major, forward before reverse).
     Dropout is applied to the output of every layer but the last when training.
     `layer_fn(x, h0, c0, *weights[i], batch_sizes, reverse=)` runs one layer-direction: lstm_layer,
-    or another kernel taking its own weight tuples (the int8 LSTM).
+    or another kernel taking its own weight tuples (the int8 LSTM). validate=False skips the
+    shape checks of the weights for a caller whose weights are valid by construction (the
+    modules); the input's and states' checks and the dtypes and devices of all are kept.
     Returns output [T,N,D*P], h_n [L*D,N,P], c_n [L*D,N,H].
     """
     directions = 2 if bidirectional else 1
@@ -242,7 +230,7 @@ def lstm(
         )
     if layer_fn is lstm_layer and _stack_applies(weights, bidirectional, dropout, training,
                                                  batch_sizes):
-        return lstm_stack(input, h0, c0, weights)
+        return lstm_stack(input, h0, c0, weights, validate=validate)
     h_n, c_n = [], []
     x = input
     for layer in range(num_layers):
@@ -272,12 +260,14 @@ def _stack_applies(weights, bidirectional, dropout, training, batch_sizes) -> bo
 
 
 def lstm_stack(
-    input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weights: list[LayerWeights]
+    input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weights: list[LayerWeights],
+    *, validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A plain multi-layer LSTM as one op: lstm(input, h0, c0, weights, ...) for one direction
     without projection, packing or dropout, with both biases in every layer or none.
 
     input: [T,N,I]  h0, c0: [L,N,H]  weights: L tuples (w_ih, w_hh, b_ih, b_hh, None).
+    validate=False: the weights' shapes are trusted (see `lstm`).
     Returns output [T,N,H], h_n [L,N,H], c_n [L,N,H].
     """
     T, N, I = _sequence_dims(input)
@@ -289,41 +279,31 @@ def lstm_stack(
     check_shape(c0, "c0", (L, N, H))
     has_bias = weights[0][2] is not None
     flat = []
-    named = {"input": input, "h0": h0, "c0": c0}
     for layer, (w_ih, w_hh, b_ih, b_hh, _) in enumerate(weights):
-        layer_in = I if layer == 0 else H
-        check_shape(w_ih, f"w_ih (layer {layer})", (4 * H, layer_in))
-        check_shape(w_hh, f"w_hh (layer {layer})", (4 * H, H))
-        flat += [w_ih, w_hh]
-        named[f"w_ih (layer {layer})"] = w_ih
-        named[f"w_hh (layer {layer})"] = w_hh
-        if has_bias:
-            check_shape(b_ih, f"b_ih (layer {layer})", (4 * H,))
-            check_shape(b_hh, f"b_hh (layer {layer})", (4 * H,))
-            flat += [b_ih, b_hh]
-            named[f"b_ih (layer {layer})"] = b_ih
-            named[f"b_hh (layer {layer})"] = b_hh
+        if validate:
+            layer_in = I if layer == 0 else H
+            check_shape(w_ih, f"w_ih (layer {layer})", (4 * H, layer_in))
+            check_shape(w_hh, f"w_hh (layer {layer})", (4 * H, H))
+            if has_bias:
+                check_shape(b_ih, f"b_ih (layer {layer})", (4 * H,))
+                check_shape(b_hh, f"b_hh (layer {layer})", (4 * H,))
+        flat += [w_ih, w_hh, b_ih, b_hh] if has_bias else [w_ih, w_hh]
+    _check_weights_match(input, h0, c0, flat, 4 if has_bias else 2)
+    return native("lstm_stack")(input, h0, c0, flat, has_bias)
+
+
+def _check_weights_match(input, h0, c0, flat: list[torch.Tensor], per: int) -> None:
+    """One device and dtype for the input, the states and every weight (`per` of them a layer);
+    autocast on the device allows mixed floating dtypes."""
+    device, dtype = input.device, input.dtype
+    if all(t.device == device and t.dtype == dtype for t in (h0, c0, *flat)):
+        if dtype not in supported_dtypes("lstm", device) and not autocast_on(device):
+            check_tensor(input, "input")  # raises, naming the supported dtypes
+        return
+    names = ("w_ih", "w_hh", "b_ih", "b_hh")
+    named = {"input": input, "h0": h0, "c0": c0}
+    named.update({f"{names[i % per]} (layer {i // per})": w for i, w in enumerate(flat)})
     check_same_device_and_dtype(named)
-    return run_stack(input, h0, c0, flat, has_bias)
-
-
-def run_stack(
-    input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, flat: list[torch.Tensor],
-    has_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lstm_stack once its arguments are known to be valid: flat holds per layer w_ih, w_hh
-    and (has_bias) b_ih, b_hh. Eager CPU calls with autograd take the op whose derivative is
-    attached in C++; torch.compile traces lstm_stack_forward with its registered formula."""
-    if torch.compiler.is_compiling():
-        output, h_n, c_n, _ = native("lstm_stack_forward")(input, h0, c0, flat, has_bias)
-    elif torch.is_grad_enabled() and input.device.type == "cpu":
-        output, h_n, c_n = native("lstm_stack")(input, h0, c0, flat, has_bias)
-    elif torch.is_grad_enabled():
-        output, h_n, c_n = _StackFunction.apply(input, h0, c0, has_bias, *flat)
-    else:
-        with torch._C._AutoDispatchBelowAutograd():
-            output, h_n, c_n, _ = native("lstm_stack_forward")(input, h0, c0, flat, has_bias)
-    return output, h_n, c_n
 
 
 # ---- fake kernels (shapes only), for torch.compile and FakeTensor ------------------------------
@@ -369,6 +349,12 @@ def _lstm_layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_
     return new(T, N, P), new(N, P), new(N, H), new(T, N, 4 * H), new(T, N, H)
 
 
+@register_fake("lstm_layer")
+def _lstm_layer_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    return _lstm_layer_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
+                                    reverse)[:3]
+
+
 @register_fake("lstm_layer_backward")
 def _lstm_layer_backward_fake(
     grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, output,
@@ -408,143 +394,7 @@ def _embedding_lstm_layer_backward_fake(
     return new(table.shape), new(h0.shape), new(c0.shape), new(w_hh.shape)
 
 
-# ---- autograd: backward runs our own backward kernel ---------------------------------------------
-
-
-def _setup_context(ctx, inputs, output):
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
-    out, _, _, gates, cells = output
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells)
-    ctx.reverse = reverse
-    ctx.has_b_ih = b_ih is not None
-    ctx.has_b_hh = b_hh is not None
-    ctx.mark_non_differentiable(gates, cells)
-    # Unused outputs (h_n, c_n, and always gates/cells) arrive as None instead of zero tensors
-    # as large as the saved activations: the backward op takes empty tensors for them.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells = ctx.saved_tensors
-    grads = native("lstm_layer_backward")(
-        *_or_empty(input, grad_output, grad_h_n, grad_c_n),
-        input, h0, c0, w_ih, w_hh, w_hr, batch_sizes, out, gates, cells,
-        ctx.reverse, ctx.has_b_ih or ctx.has_b_hh, ctx.needs_input_grad[0],
-    )
-    grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
-    return (
-        grad_input if ctx.needs_input_grad[0] else None,
-        grad_h0,
-        grad_c0,
-        grad_w_ih,
-        grad_w_hh,
-        grad_bias if ctx.has_b_ih else None,
-        grad_bias if ctx.has_b_hh else None,
-        grad_w_hr if w_hr is not None else None,
-        None,
-        None,
-    )
-
-
-register_autograd("lstm_layer_forward", _backward, _setup_context)
-
-
-def _or_empty(like: torch.Tensor, *grads):
-    """The incoming gradients with None (an unused output) as an empty tensor, as the backward
-    ops take them."""
-    empty = like.new_empty(0)
-    return [g if g is not None else empty for g in grads]
-
-
-_LayerFunction = eager_function("lstm_layer_forward", _setup_context, _backward)
-
-
-
-def _embedding_setup_context(ctx, inputs, output):
-    tokens, table, h0, c0, w_hh, reverse = inputs
-    out, _, _, gates, cells = output
-    ctx.save_for_backward(tokens, table, h0, c0, w_hh, out, gates, cells)
-    ctx.reverse = reverse
-    ctx.mark_non_differentiable(gates, cells)
-    ctx.set_materialize_grads(False)
-
-
-def _embedding_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    tokens, table, h0, c0, w_hh, out, gates, cells = ctx.saved_tensors
-    grad_table, grad_h0, grad_c0, grad_w_hh = native("embedding_lstm_layer_backward")(
-        *_or_empty(table, grad_output, grad_h_n, grad_c_n),
-        tokens, table, h0, c0, w_hh, out, gates, cells, ctx.reverse,
-    )
-    return None, grad_table, grad_h0, grad_c0, grad_w_hh, None
-
-
-register_autograd(
-    "embedding_lstm_layer_forward", _embedding_backward, _embedding_setup_context
-)
-
-
-_EmbeddingLayerFunction = eager_function(
-    "embedding_lstm_layer_forward", _embedding_setup_context, _embedding_backward
-)
-
-
-def _stack_setup_context(ctx, inputs, output):
-    input, h0, c0, weights, has_bias = inputs
-    out, _, _, saved = output
-    ctx.save_for_backward(input, h0, c0, out, *weights, *saved)
-    ctx.n_weights = len(weights)
-    ctx.has_bias = has_bias
-    ctx.mark_non_differentiable(*saved)
-    ctx.set_materialize_grads(False)
-
-
-def _stack_grads(ctx, grad_output, grad_h_n, grad_c_n):
-    """(grad_input, grad_h0, grad_c0, weight grads in the order of the flat weights)."""
-    input, h0, c0, out, *rest = ctx.saved_tensors
-    weights, saved = rest[: ctx.n_weights], rest[ctx.n_weights :]
-    grad_input, grad_h0, grad_c0, grads = native("lstm_stack_backward")(
-        *_or_empty(input, grad_output, grad_h_n, grad_c_n),
-        input, h0, c0, list(weights), out, list(saved), ctx.has_bias, ctx.needs_input_grad[0],
-    )  # fmt: skip
-    per_layer = 3 if ctx.has_bias else 2
-    weight_grads = []
-    for layer in range(len(grads) // per_layer):
-        g = grads[layer * per_layer : (layer + 1) * per_layer]
-        weight_grads += [g[0], g[1]] + ([g[2], g[2]] if ctx.has_bias else [])
-    return grad_input if ctx.needs_input_grad[0] else None, grad_h0, grad_c0, weight_grads
-
-
-def _stack_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_saved):
-    grad_input, grad_h0, grad_c0, weight_grads = _stack_grads(ctx, grad_output, grad_h_n, grad_c_n)
-    return grad_input, grad_h0, grad_c0, weight_grads, None
-
-
-register_autograd("lstm_stack_forward", _stack_backward, _stack_setup_context)
-
-
-class _StackFunction(torch.autograd.Function):
-    """The registered formula of lstm_stack_forward for eager calls (see eager_function), with
-    the weights as separate arguments."""
-
-    @staticmethod
-    def forward(ctx, input, h0, c0, has_bias, *weights):
-        with torch._C._AutoDispatchBelowAutograd():
-            output, h_n, c_n, saved = native("lstm_stack_forward")(
-                input, h0, c0, list(weights), has_bias
-            )
-        ctx.save_for_backward(input, h0, c0, output, *weights, *saved)
-        ctx.n_weights = len(weights)
-        ctx.has_bias = has_bias
-        ctx.set_materialize_grads(False)
-        return output, h_n, c_n
-
-    @staticmethod
-    def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        refuse_double_backward("lstm_stack_forward")
-        grad_input, grad_h0, grad_c0, weight_grads = _stack_grads(
-            ctx, grad_output, grad_h_n, grad_c_n
-        )
-        return grad_input, grad_h0, grad_c0, None, *weight_grads
+# ---- CUDA: the stack as layer after layer of the (Triton) layer ops ------------------------------
 
 
 def _lstm_stack_forward_composite(input, h0, c0, weights, has_bias):

@@ -23,23 +23,19 @@ from collections.abc import Sequence
 
 import torch
 
-from pyengine.ops._common import native, register_cuda_kernel, register_fake, triton_available
+from pyengine.ops._common import (
+    check_tensor,
+    native,
+    register_cuda_kernel,
+    register_fake,
+    triton_available,
+)
 
 KINDS = ("l1", "l2", "taylor")
 
 
 def _check_weight(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    ok = (torch.float32, torch.float64) if t.device.type == "cpu" else (
-        torch.float32, torch.bfloat16, torch.float16)
-    if t.dtype not in ok:
-        raise TypeError(f"{name} has dtype {t.dtype}, not supported on {t.device.type} "
-                        f"(supported: {', '.join(str(d) for d in ok)})")
-    if t.dim() not in (1, 2):
-        raise ValueError(f"{name} must be 1-D or 2-D, got shape {tuple(t.shape)}")
+    check_tensor(t, name, ndim=(1, 2), family="prune")
 
 
 def unit_importance(
