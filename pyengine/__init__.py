@@ -11,8 +11,8 @@ from pyengine.compress import PruneSchedule, prune, quantize
 from pyengine.export import export
 from pyengine.generate import generate
 from pyengine.models import LSTMClassifier, LSTMLanguageModel
+from pyengine.nn.patch import patch, unpatch
 from pyengine.nn.utils import clip_grad_norm_, clip_grad_value_, grad_norms
-from pyengine.patch import patch
 from pyengine.train import Trainer
 
 __version__ = "0.1.0"
@@ -34,4 +34,5 @@ __all__ = [
     "prune",
     "PruneSchedule",
     "quantize",
+    "unpatch",
 ]

@@ -48,7 +48,7 @@ def quantize(model: nn.Module, act: str = "dynamic", inplace: bool = True) -> nn
         import copy
 
         model = copy.deepcopy(model)
-    from pyengine.patch import patch
+    from pyengine.nn.patch import patch
 
     model = patch(model)  # torch.nn.LSTM / LSTMCell -> ours before quantizing
     new = _convert(model, act)

@@ -3,6 +3,7 @@
 from pyengine.nn import utils
 from pyengine.nn.loss import CrossEntropyLoss, FocalLoss, LinearCrossEntropyLoss
 from pyengine.nn.lstm import LSTM, LSTMCell
+from pyengine.nn.patch import patch, unpatch
 from pyengine.nn.quantized import Int8Linear, QuantizedLSTM, QuantizedLSTMCell
 
 __all__ = [
@@ -14,5 +15,7 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "QuantizedLSTM",
     "QuantizedLSTMCell",
+    "patch",
+    "unpatch",
     "utils",
 ]

@@ -24,9 +24,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss with gamma (focal loss), sample weights and z-loss, fused.
 
     forward(input, target, sample_weight=None): input [C], [N,C] or [N,C,d1,...] logits, target
-    class indices [], [N] or [N,d1,...]; sample_weight has the target's shape. Probability
-    (floating) targets are not supported. size_average/reduce are accepted as torch's legacy
-    arguments.
+    class indices [], [N] or [N,d1,...] (fused), or class probabilities of the input's shape
+    (torch's formula; gamma, z_loss and sample weights then must be off); sample_weight has the
+    target's shape. size_average/reduce are accepted as torch's legacy arguments.
     """
 
     def __init__(

@@ -194,7 +194,7 @@ class QuantizedLSTM(_Int8Weights, LSTM):
     def from_float(cls, lstm: nn.Module, act: str = "dynamic") -> QuantizedLSTM:
         """Quantize a pyengine.nn.LSTM (a torch.nn.LSTM is pyengine.patch-ed first)."""
         if isinstance(lstm, nn.LSTM):
-            from pyengine.patch import patch
+            from pyengine.nn.patch import patch
 
             lstm = patch(lstm)
         if not isinstance(lstm, LSTM):

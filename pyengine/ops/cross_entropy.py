@@ -157,6 +157,9 @@ def cross_entropy(
     code = _check_options(reduction, label_smoothing, gamma, z_loss, ignore_index)
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension (classes), got a scalar")
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        return _probability_targets(logits, target, weight, reduction, label_smoothing, gamma,
+                                    sample_weight, z_loss)
     C = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
     if C == 0:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
@@ -183,6 +186,23 @@ def cross_entropy(
     if code == 0:
         loss = loss.reshape(target_shape)
     return loss.to(_result_dtype(logits, loss))
+
+
+def _probability_targets(logits, target, weight, reduction, label_smoothing, gamma,
+                         sample_weight, z_loss):
+    """Class-probability targets (target of the logits' shape), as torch.nn.functional.
+    cross_entropy computes them: a dense [N, C] target has no index to fuse on, so this is
+    torch's own formula. Focal loss, sample weights and the z-loss are defined for class-index
+    targets only."""
+    if tuple(target.shape) != tuple(logits.shape):
+        raise ValueError(f"probability targets must have the logits' shape "
+                         f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+    if gamma or z_loss or sample_weight is not None:
+        raise ValueError("probability (floating) targets take gamma=0, z_loss=0 and no "
+                         "sample_weight; give class indices for focal loss, z-loss or sample "
+                         "weights")
+    return torch.nn.functional.cross_entropy(logits, target, weight=weight, reduction=reduction,
+                                             label_smoothing=label_smoothing)
 
 
 @register_fake("cross_entropy_forward")
