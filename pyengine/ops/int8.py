@@ -15,6 +15,9 @@ once (pyengine.nn.Int8Linear caches it), otherwise int8_linear packs on every ca
 
 from __future__ import annotations
 
+import collections
+import weakref
+
 import torch
 
 from pyengine.ops._common import native, register_cuda_kernel, register_fake
@@ -97,7 +100,8 @@ def int8_linear(
 
     x: float32 [..., K]; qweight: int8 [N, K]; scale: float32 [N]; bias: float32 [N] or None.
     act: "dynamic" (x quantized per row to int8, int32 accumulation) or "none" (weight-only).
-    packed: pack_weight(qweight), to skip packing on every call.
+    packed: pack_weight(qweight); without it the packed layout of qweight is kept between calls
+    (until qweight changes in place or is freed), so repeated calls pack once.
     """
     if act not in ACTS:
         raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
@@ -122,10 +126,33 @@ def int8_linear_raw(x: torch.Tensor, qweight: torch.Tensor, packed=None) -> torc
     return _int8_linear(x, qweight, scale, None, 0, packed, raw=True)
 
 
+# id(qweight) -> (weak reference to it, its version counter, pack_weight(qweight)): the packed
+# layouts of the last weights the functional int8_linear saw (a decoding loop calls it with the
+# same weight every step; packing costs as much as the product at M = 1).
+_PACKED: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+_PACKED_KEEP = 64
+
+
+def _packed_for(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_weight(qweight), from the cache while qweight is the same tensor, unchanged."""
+    if torch.compiler.is_compiling() or type(qweight) is not torch.Tensor:
+        return pack_weight(qweight)
+    key = id(qweight)
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0]() is qweight and entry[1] == qweight._version:
+        _PACKED.move_to_end(key)
+        return entry[2]
+    packed = pack_weight(qweight)
+    _PACKED[key] = (weakref.ref(qweight), qweight._version, packed)
+    while len(_PACKED) > _PACKED_KEEP:
+        _PACKED.popitem(last=False)
+    return packed
+
+
 def _int8_linear(x, qweight, scale, bias, act: int, packed, raw: bool) -> torch.Tensor:
     N, K = qweight.shape
     if packed is None:
-        packed = pack_weight(qweight)
+        packed = _packed_for(qweight)
     if x.dim() == 2:
         return torch.ops.pyengine.int8_linear.default(x, packed[0], packed[1], scale, bias, N,
                                                       act, raw)

@@ -256,3 +256,22 @@ def test_triton_rounding_ties():
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5]])
     xq, sx = triton_int8.quantize_rows(x, block_k=16)
     assert xq[0].tolist() == [127, 0, 2, 2, 0, -2, -2] and sx.item() == 1.0
+
+
+def test_functional_form_packs_once_and_sees_in_place_changes(monkeypatch):
+    import pyengine.ops.int8 as int8_ops
+
+    calls = []
+    real_pack = int8_ops.pack_weight
+    monkeypatch.setattr(int8_ops, "pack_weight", lambda q: calls.append(1) or real_pack(q))
+    x, w, b = make((3,), 40, 24)
+    q, s = quantize_per_channel(w)
+    first = int8_linear(x, q, s, b)
+    for _ in range(3):
+        torch.testing.assert_close(int8_linear(x, q, s, b), first, rtol=0, atol=0)
+    assert len(calls) == 1  # packed once for four calls
+    q[0, 0] = -q[0, 0] if q[0, 0] != 0 else 5  # an in-place change is seen
+    changed = int8_linear(x, q, s, b)
+    assert len(calls) == 2 and not torch.equal(changed, first)
+    ref = reference.int8_linear(x, q, s, b, act="dynamic")
+    torch.testing.assert_close(changed.double(), ref, atol=1e-5, rtol=1e-5)
