@@ -43,7 +43,7 @@ if _HAS_TRITON:
     def _ce_row_kernel(
         x_ptr, x_stride, t_ptr, w_ptr, s_ptr, g_ptr,
         loss_ptr, lse_ptr, correct_ptr, dx_ptr, dx_stride,
-        C, ignore_index, eps, gamma, z, w_total,
+        C, ignore_index, eps, gamma, z, w_total_ptr,
         HAS_W: tl.constexpr, HAS_S: tl.constexpr, SMOOTH: tl.constexpr, FOCAL: tl.constexpr,
         WRITE_GRAD: tl.constexpr, G_PER_ROW: tl.constexpr,
         WANT_ARGMAX: tl.constexpr, BLOCK: tl.constexpr,
@@ -58,8 +58,10 @@ if _HAS_TRITON:
         if HAS_S:
             s = tl.load(s_ptr + row).to(tl.float32)
         wt = 1.0
+        w_total = C * 1.0  # sum of the class weights: C without them, else read on the device
         if HAS_W:
             wt = tl.load(w_ptr + t_safe).to(tl.float32)
+            w_total = tl.load(w_total_ptr)
         sw = 0.0
         arg = tl.full((), 0, tl.int32)
         m = tl.full((), -float("inf"), tl.float32)
@@ -174,7 +176,8 @@ def _row_pass(x, target, weight, sample_weight, ignore_index, eps, gamma, z, *, 
     correct = torch.zeros(N if want_argmax else 1, dtype=torch.int32, device=dev)
     if N == 0:
         return loss, lse, correct
-    w_total = float(C) if weight is None else float(weight.float().sum())
+    # the class weights' sum stays on the device: reading it here would synchronise every chunk
+    w_total = weight.float().sum().reshape(1) if weight is not None else loss
     if block is None:
         block = min(4096, triton.next_power_of_2(C)) if dev.type == "cuda" else \
             min(1024, triton.next_power_of_2(C))
@@ -227,9 +230,37 @@ def cross_entropy_backward(grad_loss, logits, target, weight, sample_weight, lse
     return grad
 
 
-def _chunk_rows(chunk_size: int, N: int, V: int) -> int:
-    c = chunk_size if chunk_size > 0 else min(4096, max(64, (1 << 23) // max(V, 1)))
+# Bytes of logits one chunk may hold on a GPU: few large chunks keep the GEMMs big (127 chunks of
+# 65 rows at V = 128256 left them at a fraction of their rate), and 512 MB stays well under a
+# quarter of what the eager formula holds at the sizes where the fusion matters.
+_GPU_CHUNK_BYTES = 1 << 29
+
+
+def _chunk_rows(chunk_size: int, N: int, V: int, element_size: int = 4,
+                on_gpu: bool = False) -> int:
+    """Rows of hidden per chunk: the caller's, or about 8M logits (CPU: cache-sized work for
+    the row passes), or _GPU_CHUNK_BYTES of logits (GPU)."""
+    if chunk_size > 0:
+        c = chunk_size
+    elif on_gpu:
+        c = max(64, _GPU_CHUNK_BYTES // max(V * element_size, 1))
+    else:
+        c = min(4096, max(64, (1 << 23) // max(V, 1)))
     return max(1, min(c, max(N, 1)))
+
+
+def _accumulate_weight_grad(grad_w: torch.Tensor, dlogits: torch.Tensor,
+                            hidden: torch.Tensor) -> None:
+    """grad_w (float32) += dlogits^T @ hidden, the GEMM in the inputs' dtype: on a GPU with
+    torch's mixed-dtype GEMM (bfloat16/float16 on tensor cores, float32 accumulated and written
+    into grad_w), else through float32 copies."""
+    if dlogits.dtype != torch.float32 and dlogits.is_cuda:
+        try:
+            torch.addmm(grad_w, dlogits.t(), hidden, out_dtype=torch.float32, out=grad_w)
+            return
+        except (RuntimeError, TypeError):  # a torch without addmm(out_dtype=)
+            pass
+    grad_w.addmm_(dlogits.t().float(), hidden.float())
 
 
 def _linear_pass(hidden, weight, bias, target, class_weight, sample_weight, ignore_index, eps,
@@ -246,7 +277,7 @@ def _linear_pass(hidden, weight, bias, target, class_weight, sample_weight, igno
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(V, H, dtype=torch.float32, device=dev)
         grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
-    chunk = _chunk_rows(chunk_size, N, V)
+    chunk = _chunk_rows(chunk_size, N, V, hidden.element_size(), hidden.is_cuda)
     wt = weight.t()
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
@@ -265,7 +296,7 @@ def _linear_pass(hidden, weight, bias, target, class_weight, sample_weight, igno
             correct += c.sum()
         if want_grad:
             torch.mm(logits, weight, out=grad_h[start:stop])
-            grad_w.addmm_(logits.t().float(), hc.float())
+            _accumulate_weight_grad(grad_w, logits, hc)
             if grad_b is not None:
                 grad_b += logits.float().sum(0)
     return rows, lse, correct, grad_h, grad_w, grad_b

@@ -290,8 +290,10 @@ def test_bad_arguments_raise():
         ops.cross_entropy(logits, target, gamma=-1.0)
     with pytest.raises(ValueError, match="target must have shape"):
         ops.cross_entropy(logits, target[:3])
+    with pytest.raises(ValueError, match="gamma=0"):  # probability targets: torch's formula
+        ops.cross_entropy(logits, torch.rand(4, 7), gamma=2.0)
     with pytest.raises(TypeError, match="class indices"):
-        ops.cross_entropy(logits, torch.rand(4, 7))
+        ops.linear_cross_entropy(torch.randn(4, 3), torch.randn(7, 3), torch.rand(4))
     with pytest.raises(ValueError, match="weight must have shape"):
         ops.cross_entropy(logits, target, weight=torch.ones(6))
     with pytest.raises(ValueError, match="sample_weight"):
