@@ -135,8 +135,9 @@ TORCH_LIBRARY(pyengine, m) {
   // qweight: int8 [N,K] (symmetric per-row quantized) -> the backend's packed layout (CPU: 1-D
   // panels of 16 columns x 4 k; CUDA: the [N,K] weight itself) and wsum int32 (per-column sums).
   m.def("int8_pack_weight(Tensor qweight) -> (Tensor packed, Tensor wsum)");
-  // x: float32 [M,K]; scale: float32 [N]; bias: float32 [N]. act 0: dynamic per-row int8
-  // quantization of x (W8A8), 1: weight-only. raw (act 0 only): the int32 accumulators [M,N].
+  // x: [M,K] float32 (CPU), float32/bfloat16/float16 (CUDA); scale: float32 [N]; bias: float32
+  // [N]. act 0: dynamic per-row int8 quantization of x (W8A8), 1: weight-only. Returns [M,N] in
+  // x's dtype, or with raw (act 0 only) the int32 accumulators.
   m.def(
       "int8_linear(Tensor x, Tensor packed, Tensor wsum, Tensor scale, Tensor? bias, "
       "int out_features, int act, bool raw) -> Tensor");

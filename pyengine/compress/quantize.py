@@ -27,9 +27,9 @@ def _convert(module: nn.Module, act: str) -> nn.Module | None:
         return None
     if type(module) is nn.Linear:
         return Int8Linear.from_float(module, act=act)
-    if type(module) is LSTM:
+    if isinstance(module, LSTM):  # ours, or a torch LSTM patched into ours
         return QuantizedLSTM.from_float(module, act=act)
-    if type(module) is LSTMCell:
+    if isinstance(module, LSTMCell):
         return QuantizedLSTMCell.from_float(module, act=act)
     return None
 

@@ -5,8 +5,13 @@
   reference.quantize_rows).
 - `_int8_matmul`: a BLOCK_M x BLOCK_N tile per program, `tl.dot` of int8 tiles with int32
   accumulation over K (masked tails in every dimension), and the fused epilogue: raw int32, or
-  acc * sx[m] * sw[n] + bias[n] in float32 (ACT_DYNAMIC), or, weight-only (ACT_NONE), float x
-  tiles times the int8 weight tile converted to float in registers, scaled by sw[n].
+  acc * sx[m] * sw[n] + bias[n] (ACT_DYNAMIC), or, weight-only (ACT_NONE), x tiles in their own
+  dtype times the int8 weight tile converted to that dtype in registers (bfloat16/float16 on
+  tensor cores; float32 as torch's F.linear would: TF32 only where torch allows it), float32
+  accumulation, scaled by sw[n]. Activations float32, bfloat16 or float16; the result in x's
+  dtype. The weight is never dequantised whole.
+- Block sizes by the number of rows (`_blocks`): a GEMV-shaped tile for decoding (M <= 16:
+  wide K blocks, the weight streamed once), larger square tiles above.
 
 The weight is read in its plain [N,K] int8 layout (pack_weight is the identity plus wsum), so
 on the GPU the baseline to beat is torch._int_mm(xq, wq.t()) followed by a separate dequant.
@@ -47,7 +52,8 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             v = tl.load(x_ptr + m * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
+            # a row holding NaN gets the scale NaN: its outputs stay NaN, as F.linear's
+            amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
         a = tl.max(amax, axis=0)
         s = tl.where(a > 0, a / 127.0, 1.0)
         tl.store(s_ptr + m, s)
@@ -61,7 +67,8 @@ if triton is not None:
     @triton.jit
     def _int8_matmul(a_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, out_ptr, M, N, K, stride_a,
                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RAW: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -79,8 +86,10 @@ if triton is not None:
                         mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
             if ACT == 0:
                 acc += tl.dot(a, w, out_dtype=tl.int32)
-            else:
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            elif a.dtype == tl.float32:
+                acc += tl.dot(a, w.to(tl.float32), input_precision=PRECISION)
+            else:  # bfloat16 / float16 hold every int8 value exactly
+                acc += tl.dot(a, w.to(a.dtype))
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         if RAW:
             tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=mask)
@@ -92,8 +101,9 @@ if triton is not None:
             else:
                 res = acc * sw[None, :]
             if HAS_BIAS:
-                res += tl.load(b_ptr + rn, mask=rn < N, other=0.0)[None, :]
-            tl.store(out_ptr + rm[:, None] * N + rn[None, :], res, mask=mask)
+                res += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :],
+                     res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def pack_weight(qweight: torch.Tensor):
@@ -114,23 +124,36 @@ def quantize_rows(x: torch.Tensor, block_k: int = 1024):
     return q, s
 
 
+def _blocks(M: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) by the number of rows: decoding (M <= 16) streams the
+    weight once with wide K blocks over many programs; more rows take larger tiles. A first
+    choice from the shapes of the problem, to be tuned on a GPU."""
+    if M <= 16:
+        return 16, 64, 256, 4
+    if M <= 128:
+        return 64, 128, 128, 4
+    return 128, 128, 128, 8
+
+
 def int8_linear(x, packed, wsum, scale, bias, out_features, act, raw, *, block_m=None,
                 block_n=None, block_k=None):
-    """Same contract as pyengine::int8_linear; `packed` is the [N,K] int8 weight."""
+    """Same contract as pyengine::int8_linear; `packed` is the [N,K] int8 weight. x: float32,
+    bfloat16 or float16; the result in x's dtype (int32 accumulators when raw)."""
     M, K = x.shape
     N = out_features
-    out = torch.empty(M, N, dtype=torch.int32 if raw else torch.float32, device=x.device)
+    out = torch.empty(M, N, dtype=torch.int32 if raw else x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
     if act == 0:
         a, sx = quantize_rows(x)
     else:
-        a, sx = x.contiguous().float(), scale  # sx unused
-    bm = block_m or (16 if M <= 16 else 64)
-    bn = block_n or 64
-    bk = block_k or 64
+        a, sx = x.contiguous(), scale  # sx unused
+    bm, bn, bk, warps = _blocks(M)
+    bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
+    precision = "tf32" if x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _int8_matmul[grid](a, packed, sx, scale, bias if bias is not None else scale, out, M, N, K,
                        a.stride(0), HAS_BIAS=bias is not None, ACT=act, RAW=raw,
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                       PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                       num_warps=warps)
     return out

@@ -55,7 +55,7 @@ DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
     "cross_entropy": {"cpu": (_F32, _F64, _BF16, _F16), "cuda": (_F32, _BF16, _F16)},
     "clip": {"cpu": (_F32, _F64, _BF16, _F16), "cuda": (_F32, _F64, _BF16, _F16)},
     "prune": {"cpu": (_F32, _F64), "cuda": (_F32, _BF16, _F16)},
-    "int8": {"cpu": (_F32,), "cuda": (_F32,)},
+    "int8": {"cpu": (_F32,), "cuda": (_F32, _BF16, _F16)},
 }
 # Dtypes an op's autocast rule (csrc/autograd) casts from while autocast is on for the device.
 _AUTOCAST_INPUTS = (_F32, _BF16, _F16)

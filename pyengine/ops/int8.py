@@ -10,7 +10,7 @@ weight is dequantized inside the kernel. x may have any leading dimensions. Infe
 autograd). CPU: csrc/cpu/int8.cpp; CUDA: the Triton kernel in pyengine.kernels.int8.
 
 The kernel reads the weight in a backend-specific packed layout; `pack_weight(qweight)` makes it
-once (pyengine.nn.Int8Linear caches it), otherwise int8_linear packs on every call.
+once (pyengine.nn.Int8Linear keeps it; the functional form caches it per weight tensor).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import weakref
 
 import torch
 
-from pyengine.ops._common import native, register_cuda_kernel, register_fake
+from pyengine.ops._common import check_tensor, native, register_cuda_kernel, register_fake
 
 ACTS = {"dynamic": 0, "none": 1}
 
@@ -98,17 +98,16 @@ def int8_linear(
 ) -> torch.Tensor:
     """y[..., n] = sum_k x[..., k] * qweight[n, k] * scale[n] + bias[n], computed in int8.
 
-    x: float32 [..., K]; qweight: int8 [N, K]; scale: float32 [N]; bias: float32 [N] or None.
+    x: [..., K], float32 (CPU) or float32/bfloat16/float16 (CUDA), and the result in x's dtype
+    (under autocast: float32 on the CPU, the autocast dtype on CUDA); qweight: int8 [N, K];
+    scale: float32 [N]; bias: float32 [N] or None.
     act: "dynamic" (x quantized per row to int8, int32 accumulation) or "none" (weight-only).
     packed: pack_weight(qweight); without it the packed layout of qweight is kept between calls
     (until qweight changes in place or is freed), so repeated calls pack once.
     """
     if act not in ACTS:
         raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"x must have dtype torch.float32, got {x.dtype}")
+    check_tensor(x, "x", family="int8")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the features)")
     _check_weight(qweight, scale, bias, in_features=x.shape[-1])
@@ -172,7 +171,7 @@ def _pack_fake(qweight):
 
 @register_fake("int8_linear")
 def _int8_linear_fake(x, packed, wsum, scale, bias, out_features, act, raw):
-    return x.new_empty(x.shape[0], out_features, dtype=torch.int32 if raw else torch.float32)
+    return x.new_empty(x.shape[0], out_features, dtype=torch.int32 if raw else x.dtype)
 
 
 if torch.version.cuda is not None:  # pragma: no cover - needs a CUDA build of torch
