@@ -27,7 +27,7 @@ def test_train_finetune_evaluate_cli(tmp_path, capsys):
             "--max-steps", "3", "--batch-size", "8", "--freeze-embedding"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "d.jsonl:31: unknown label 'zzz'" in err and "on_error='skip'" in err
+    assert "d.jsonl:31: unknown label 'zzz'" in err and "pass --on-error skip" in err
     assert main(args + ["--on-error", "skip"]) == 0
     out = capsys.readouterr().out
     assert "skipped" in out and "d.jsonl:31" in out
