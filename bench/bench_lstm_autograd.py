@@ -14,26 +14,24 @@ medians. The tiny case is almost all overhead; the small one is bench_lstm.py's 
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import os
 import sys
 
 import torch
 
-from pyengine.benchmarking import (
+from harness import (
     SPEEDUP_NOTE,
+    Report,
+    info_line,
     machine_info,
     markdown_table,
     measure,
-    save_rows_json,
+    run_main,
     speedup,
-    write_results_section,
 )
 
 lstm_ops = importlib.import_module("pyengine.ops.lstm")  # the module, not pyengine.ops.lstm()
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 CPP, PYTHON = "C++ autograd", "Python autograd.Function"
 BLOCK = 5
 
@@ -98,30 +96,22 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    args = parser.parse_args(argv)
+def report(args) -> Report:
     info = machine_info("cpu")
     rows = run(args.quick)
-    table = markdown_table(rows, list(rows[0]))
-    print(", ".join(f"{k}: {v}" for k, v in info.items()))
-    print(f"\n{SPEEDUP_NOTE}\n\n{table}")
-    if not args.quick:  # a quick smoke run never replaces the real table
-        header = (
-            "## LSTM eager autograd: derivative in C++ against a Python autograd.Function\n\n"
-            f"`python bench/bench_lstm_autograd.py`; "
-            f"{', '.join(f'{k}: {v}' for k, v in info.items())}\n\n{SPEEDUP_NOTE} The same "
-            "forward and backward ops on both sides; one forward + backward per call, "
-            f"alternating in turns of {BLOCK} calls, the first of each turn not counted, "
-            "medians. saved us: the Python side's median minus the C++ side's.\n\n"
-        )
-        write_results_section(RESULTS, "lstm-autograd-cpu", header + table)
-    if args.json:
-        save_rows_json(args.json, "lstm-autograd-cpu", rows, info, case_key="case",
-                       impl_key="autograd", ratio_key="speedup vs Python")
-    return 0
+    text = (
+        "## LSTM eager autograd: derivative in C++ against a Python autograd.Function\n\n"
+        f"`python bench/bench_lstm_autograd.py`; {info_line(info)}\n\n{SPEEDUP_NOTE} The "
+        "same forward and backward ops on both sides; one forward + backward per call, "
+        f"alternating in turns of {BLOCK} calls, the first of each turn not counted, "
+        "medians. saved us: the Python side's median minus the C++ side's.\n\n"
+        + markdown_table(rows, list(rows[0])))
+    return Report("lstm-autograd-cpu", text, rows, info, "case", "autograd",
+                  "speedup vs Python")
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv, device=False)
 
 
 if __name__ == "__main__":
