@@ -22,11 +22,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--from", dest="checkpoint", required=True, help="model checkpoint")
     add("--prompt", default="", help="seed text ('' starts from a newline)")
     add("--max-new-tokens", type=non_negative_int, default=100, help="tokens to generate")
-    add("--temperature", type=finite_float(low=0), default=1.0, help="0: greedy")
+    # finite numbers here; their ranges are generate()'s to check (it names the argument)
+    add("--temperature", type=finite_float(), default=1.0, help="0: greedy")
     add("--top-k", type=positive_int, default=None, help="sample among the K most likely")
-    add("--top-p", type=finite_float(low=0, high=1, strict_low=True), default=None,
+    add("--top-p", type=finite_float(), default=None,
         help="sample among the smallest set reaching probability P")
-    add("--repetition-penalty", type=finite_float(low=0, strict_low=True), default=1.0,
+    add("--repetition-penalty", type=finite_float(), default=1.0,
         help="> 1 discourages repeated tokens")
     add("--num-beams", type=positive_int, default=1, help="beam search when > 1")
     add("--seed", type=int, default=None, help="sampling seed")

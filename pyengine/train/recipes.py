@@ -261,6 +261,8 @@ def continuation_bleu(model, tokenizer, ids: torch.Tensor, prompts: int,
 
 def _result_path(cfg) -> Path | None:
     """Where evaluate writes its JSON, checked to be writable before any work."""
+    import os
+
     target = cfg.get("output") or (Path(cfg["output_dir"]) / "result.json"
                                    if cfg.get("output_dir") else None)
     if target is None:
@@ -268,14 +270,11 @@ def _result_path(cfg) -> Path | None:
     target = Path(target)
     if target.is_dir():
         raise ConfigError(f"--output {str(target)!r} is a folder; give a file name")
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True) if not parent.exists() else None
-    if not parent.is_dir():
-        raise ConfigError(f"--output {str(target)!r}: {str(parent)!r} is not a folder")
-    import os
-
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output {str(target)!r}: {str(parent)!r} is not writable")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise ConfigError(f"--output {str(target)!r}: {str(target.parent)!r} is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(target.parent, os.W_OK):
+        raise ConfigError(f"--output {str(target)!r}: {str(target.parent)!r} is not writable")
     return target
 
 
@@ -313,8 +312,9 @@ def evaluate(options: dict[str, Any]) -> dict[str, Any]:
             batch_size=cfg["batch_size"], shuffle=False, max_len=cfg["max_len"],
             pad_id=_pad_id(tok))
         if model.config["num_classes"] != ds.num_classes:
-            raise ValueError(f"the model has {model.config['num_classes']} classes, the data "
-                             f"{ds.num_classes} ({ds.label_names})")
+            raise ConfigError(f"the model has {model.config['num_classes']} classes, the data "
+                              f"{ds.num_classes} ({ds.label_names}); give --labels in the "
+                              "model's order")
         result = {"source": source, **trainer.evaluate(ds)}
         result["worst_examples"] = trainer.error_analysis(ds, cfg["worst"])
     else:
@@ -325,8 +325,8 @@ def evaluate(options: dict[str, Any]) -> dict[str, Any]:
             _, ids = _held_out(ids, cfg["val_fraction"])
             batch_size = _val_batch_size(cfg)
             if ids is None or len(ids) < 2 * batch_size:
-                raise ValueError(f"val_fraction={cfg['val_fraction']} leaves too few tokens "
-                                 "to evaluate")
+                raise ConfigError(f"--val-fraction {cfg['val_fraction']} leaves too few "
+                                  "tokens to evaluate")
             source += f", last {cfg['val_fraction']:g} (validation split)"
         ds = LanguageModelDataset(ids, batch_size, cfg["seq_len"])
         result = {"source": source, **trainer.evaluate(ds)}

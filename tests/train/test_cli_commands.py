@@ -198,3 +198,43 @@ def test_export_a_language_model_and_refuse_a_failed_check(tmp_path, capsys, mon
     assert "not written" in capsys.readouterr().err
     assert not (tmp_path / "bad.onnx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]
+
+
+def test_hugging_face_datasets_by_name(tmp_path, monkeypatch, capsys):
+    """hf:NAME[:CONFIG][:SPLIT] goes through datasets.load_dataset (a stand-in here: the
+    package is optional) for language-model text and for labelled data."""
+    import types
+
+    class Dataset:
+        def __init__(self, columns, features=None):
+            self.columns, self.features = columns, features or {}
+            self.column_names = list(columns)
+
+        def __getitem__(self, name):
+            return self.columns[name]
+
+    calls = []
+
+    def load_dataset(name, config=None, split="train"):
+        calls.append((name, config, split))
+        if name == "reviews":
+            names = types.SimpleNamespace(names=["neg", "pos"])
+            return Dataset({"text": [f"review {i} text" for i in range(40)],
+                            "label": [i % 2 for i in range(40)]}, {"label": names})
+        return Dataset({"text": ["some words of a corpus " * 4] * 30})
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert main(["train", "--data", "hf:wiki:raw:validation", "--output-dir",
+                 str(tmp_path / "lm"), "--max-steps", "2", *TINY]) == 0
+    assert calls[-1] == ("wiki", "raw", "validation")
+    assert "Hugging Face dataset wiki" in capsys.readouterr().out
+    assert main(["finetune", "--from", str(tmp_path / "lm" / "model.pt"), "--data",
+                 "hf:reviews", "--output-dir", str(tmp_path / "clf"), "--max-steps", "2",
+                 "--batch-size", "4", "--no-tensorboard"]) == 0
+    assert calls[-1] == ("reviews", None, "train")
+    result = json.loads((tmp_path / "clf" / "result.json").read_text())
+    assert result["labels"] == ["neg", "pos"]
+    monkeypatch.delitem(sys.modules, "datasets")
+    monkeypatch.setattr("builtins.__import__", _refuse("datasets"))
+    assert main(["train", "--data", "hf:wiki", "--output-dir", str(tmp_path / "x"), *TINY]) == 2
+    assert "pip install datasets" in capsys.readouterr().err
