@@ -250,6 +250,7 @@ class Trainer:
         module = self._training_module()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         sums, counts = [], []
+        mean = None
         for i, raw in enumerate(batches):
             batch = to_device(raw, self.device)
             last = i == len(batches) - 1
@@ -259,8 +260,9 @@ class Trainer:
                     terms = module(batch, self.state if stateful else None)
                 loss = terms.loss
                 counts.append(terms.count)
+                sums.append(loss.detach())
                 if last:  # normalise everything by the global count, known only now
-                    total = torch.stack(counts).sum()
+                    total = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
                     if self.distributed:  # DDP averages gradients: count across ranks
                         total = total.clone()
                         dist.all_reduce(total)
@@ -270,18 +272,21 @@ class Trainer:
                         if grads:
                             torch._foreach_mul_(grads, scale)
                     loss = loss * scale
+                    if len(batches) == 1 and not self.distributed:
+                        mean = loss.detach()  # this step's mean loss, no extra work
                     if self.l1:
                         loss = loss + self.l1 * sum(p.abs().sum() for p in trainable)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            sums.append(terms.loss.detach().float())
             if stateful:
                 self.state = _detach_state(terms.state)
         self._finish_step(trainable)
-        loss_sum = torch.stack(sums).sum()
-        count = torch.stack(counts).sum()
-        self._since_eval = [loss_sum, count] if not self._since_eval else [
-            self._since_eval[0] + loss_sum, self._since_eval[1] + count]
-        return (loss_sum / count.clamp_min(1e-12)).detach()
+        loss_sum = sums[0] if len(sums) == 1 else torch.stack([t.float() for t in sums]).sum()
+        count = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
+        if self._since_eval:
+            self._since_eval = [self._since_eval[0] + loss_sum, self._since_eval[1] + count]
+        else:
+            self._since_eval = [loss_sum.float(), count]
+        return mean if mean is not None else loss_sum / count.clamp_min(1e-12)
 
     def _finish_step(self, trainable: list[torch.Tensor]) -> None:
         """Unscale, measure (on logging steps), clip, step the optimizer and the schedule."""
