@@ -24,7 +24,7 @@ from pyengine.cli.demo_stages import (
     domain_finetune,
     write_report,
 )
-from pyengine.cli.options import command_line, non_negative_int, positive_int
+from pyengine.cli.options import command_line, finite_float, non_negative_int, positive_int
 from pyengine.data import ByteTokenizer, batchify, default_corpus, iterate_bptt
 from pyengine.generate import generate
 from pyengine.models import LSTMLanguageModel
@@ -57,7 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--hidden", type=positive_int, default=256, help="LSTM hidden size")
     add("--layers", type=positive_int, default=2, help="LSTM layers")
     add("--embed", type=positive_int, default=128, help="embedding size")
-    add("--lr", type=float, default=3e-3, help="learning rate (Adam), both sides")
+    add("--lr", type=finite_float(low=0, strict_low=True), default=3e-3,
+        help="learning rate (Adam), both sides")
     add("--seed", type=int, default=0, help="random seed")
     add("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda; both "
         "sides run there")

@@ -126,6 +126,9 @@ class ClassificationDataset:
 
     @classmethod
     def from_texts(cls, texts: Sequence[str], labels: Sequence[int], tokenizer, **kw):
+        """Encode `texts` with `tokenizer`; padding uses its pad_id when it has one."""
+        if getattr(tokenizer, "pad_id", None) is not None:
+            kw.setdefault("pad_id", tokenizer.pad_id)
         return cls([tokenizer.encode(t) for t in texts], labels, texts=texts, **kw)
 
     def with_options(self, **kw) -> ClassificationDataset:

@@ -239,3 +239,13 @@ def test_the_training_step_never_waits_for_the_device(monkeypatch):
     for batch in batches[1:4]:
         trainer.train_step(batch, stateful=True)
     assert reads == []
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_steps():
+    losses = []
+    for compile_ in (False, True):
+        trainer = Trainer(tiny_lm(), compile=compile_, max_steps=3, **QUIET)
+        trainer.fit(lm_data())
+        losses.append(trainer.evaluate(lm_data())["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
