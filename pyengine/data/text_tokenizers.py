@@ -84,8 +84,8 @@ PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<PAD>", "[pad]", "<|padding|>")
 
 
 class HFTokenizer:
-    """Any Hugging Face `tokenizers.Tokenizer` (for example a trained `tokenizer.json`),
-    serialisable into a checkpoint as its JSON.
+    """Any Hugging Face `tokenizers.Tokenizer` (for example a trained `tokenizer.json`), or a
+    transformers fast tokenizer, serialisable into a checkpoint as its JSON.
 
     pad_id: the id the tokenizer pads with (its padding setting), else a special token named
     like a pad token ("<pad>", "[PAD]", ...), else None: padded batches then pad with id 0,
@@ -93,9 +93,12 @@ class HFTokenizer:
     """
 
     def __init__(self, tokenizer) -> None:
+        # a transformers "fast" tokenizer carries a tokenizers.Tokenizer and its pad token id
+        pad = getattr(tokenizer, "pad_token_id", None)
+        tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
-        self.pad_id = self._find_pad_id(tokenizer)
+        self.pad_id = int(pad) if pad is not None else self._find_pad_id(tokenizer)
 
     @staticmethod
     def _find_pad_id(tokenizer) -> int | None:

@@ -93,6 +93,11 @@ def test_a_hugging_face_tokenizer_file(tmp_path, capsys):
     with_pad = HFTokenizer.from_file(_hf_tokenizer_file(tmp_path / "a.json", "[PAD]"))
     assert with_pad.pad_id == 1  # [UNK] is 0: the pad token is found by name, not assumed 0
     assert HFTokenizer.from_file(_hf_tokenizer_file(tmp_path / "b.json", None)).pad_id is None
+    from tokenizers import Tokenizer  # a transformers fast tokenizer: backend + pad_token_id
+
+    fast = type("Fast", (), {"backend_tokenizer": Tokenizer.from_file(str(tmp_path / "a.json")),
+                             "pad_token_id": 1})()
+    assert HFTokenizer(fast).pad_id == 1 and HFTokenizer(fast).encode("the fox")
     path = _hf_tokenizer_file(tmp_path / "tok.json", "[PAD]")
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 30)
