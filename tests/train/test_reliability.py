@@ -77,13 +77,13 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_two_trainers_on_one_folder_from_two_processes(tmp_path):
+def test_two_trainers_on_one_folder_from_two_processes(tmp_path, checkout_env):
     """One process holds the folder (a run in progress); a Trainer in another process is
     refused, without writing there; once the first is done the second runs. Synchronised by
     pipes, no sleeping."""
     folder = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=checkout_env)
     try:
         assert holder.stdout.readline().strip() == "claimed"
         with pytest.raises(OutputDirError, match="in use"):

@@ -90,7 +90,7 @@ def test_exact_resume_after_kill_mid_epoch(tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_exact_resume_after_sigkill(tmp_path):
+def test_exact_resume_after_sigkill(tmp_path, checkout_env):
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {str(tmp_path)!r})
@@ -116,16 +116,17 @@ def test_exact_resume_after_sigkill(tmp_path):
     """)
     path = tmp_path / "run_train.py"
     path.write_text(script)
-    killed = subprocess.run([sys.executable, str(path), "kill"], capture_output=True)
+    killed = subprocess.run([sys.executable, str(path), "kill"], capture_output=True,
+                            env=checkout_env)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     assert load_checkpoint(tmp_path / "run" / "last.pt")["global_step"] == 4
-    resumed = subprocess.run([sys.executable, str(path)], capture_output=True)
+    resumed = subprocess.run([sys.executable, str(path)], capture_output=True, env=checkout_env)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     resumed_state = torch.load(tmp_path / "final_1.pt", weights_only=True)
     # the same run without a kill
     import shutil
     shutil.rmtree(tmp_path / "run")
-    clean = subprocess.run([sys.executable, str(path)], capture_output=True)
+    clean = subprocess.run([sys.executable, str(path)], capture_output=True, env=checkout_env)
     assert clean.returncode == 0
     clean_state = torch.load(tmp_path / "final_1.pt", weights_only=True)
     for k in clean_state:
