@@ -135,10 +135,12 @@ class Trainer:
         if mixed_precision and precision == "fp32":  # the older switch
             precision = "fp16" if self.device.type == "cuda" else "bf16"
         self.precision = check_precision(precision, self.device)
+        self._init_distributed()  # under torchrun each rank takes its own GPU first
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         self.loss_module = LossModule(model, loss_fn).to(self.device)
-        self._init_distributed()
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self._own_optimizer = optimizer is None
         self.optimizer = optimizer or adam(model.parameters(), lr=lr, weight_decay=weight_decay)
