@@ -4,7 +4,8 @@
 - a path that exists but is not a folder, or a folder that cannot be written, is refused;
 - a folder another run holds (its lock is taken) is refused: two runs never mix their files;
 - a folder with a finished or killed run's files is refused unless `resume` (continue it
-  from last.pt) or `overwrite` (its run files are removed first).
+  from last.pt) or `overwrite` (its run files are removed first); `resume` where there is no
+  last.pt to continue from starts afresh, without the killed run's logs.
 The lock (`.lock`, an OS file lock through the `filelock` package) goes with the process: a
 killed run leaves no stale lock behind.
 """
@@ -83,6 +84,8 @@ def claim_output_dir(path: str | os.PathLike, *, resume: bool = False,
         if not os.access(path, os.W_OK | os.X_OK):
             raise OutputDirError(f"output folder {str(path)!r} is not writable")
         used = previous_run_files(path)
+        if used and resume and not (path / "last.pt").exists():
+            overwrite = True  # a run killed before its first checkpoint: nothing to resume
         if used and overwrite:
             for name in used:
                 target = path / name

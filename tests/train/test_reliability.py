@@ -212,3 +212,13 @@ def test_safetensors_and_config_json_travel_with_the_weights(tmp_path):
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="SHA-256"):
         load_model(tmp_path / "model.safetensors")
+
+
+def test_resume_without_a_checkpoint_starts_clean(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"step": 7, "kind": "train"}\n')  # killed early
+    Trainer(tiny_lm(), output_dir=folder, max_steps=1, **dict(QUIET, loggers=["jsonl"])).fit(
+        lm_data(), resume=True)
+    steps = [line for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert not any('"step": 7' in line for line in steps)
