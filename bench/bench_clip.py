@@ -24,25 +24,25 @@ coefficient clamps to exactly 1, where pyengine skips the scale pass and torch s
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
 
 import pyengine
-from pyengine.benchmarking import (
+
+from harness import (
     COMPILE_SKIPPED,
     SPEEDUP_NOTE,
+    Report,
     copy_bandwidth_gbs,
+    info_line,
     machine_info,
     markdown_table,
     measure,
-    save_rows_json,
+    run_main,
     scaling_sweep,
     scaling_table,
     speedup,
-    write_results_section,
 )
 
 CASES = {  # name: (tensors, total elements)
@@ -51,7 +51,6 @@ CASES = {  # name: (tensors, total elements)
 }
 QUICK_SCALE = 50  # --quick divides the total elements by this
 SHRINK = 0.9  # each call scales the gradients by about this
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def tensor_sizes(count: int, total: int, seed: int = 0) -> list[int]:
@@ -174,48 +173,24 @@ def sweep(quick: bool, device: str) -> list[dict]:
     )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    args = parser.parse_args(argv)
+def report(args) -> Report:
     rows, extra = run(args.quick, args.device)
     points = sweep(args.quick, args.device)
-    columns = [
-        "case",
-        "implementation",
-        "median ms",
-        "speedup vs foreach=True",
-        "GB/s (12 B/elem)",
-        "% of copy bandwidth",
-        "x bandwidth floor",
-    ]
+    columns = ["case", "implementation", "median ms", "speedup vs foreach=True",
+               "GB/s (12 B/elem)", "% of copy bandwidth", "x bandwidth floor"]
     info = machine_info(args.device) | extra
-    header = "## Gradient clipping: clip_grad_norm_ (L2, float32, every call clips)\n\n"
-    header += ", ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n"
-    header += SPEEDUP_NOTE + " "
-    header += (
-        "Bandwidth floor: one read of all gradients (norm) plus one read and one write "
-        "(scale) at the measured copy bandwidth.\n\n"
-    )
-    table = markdown_table(rows, columns) + "\n\nScaling (pyengine against foreach=True):\n\n"
-    table += scaling_table(points)
-    print(header + table)
-    if not args.quick:
-        write_results_section(RESULTS, f"clip-{args.device}", header + table)
-    if args.json:
-        save_rows_json(
-            args.json,
-            f"clip-{args.device}",
-            rows,
-            info,
-            case_key="case",
-            impl_key="implementation",
-            ratio_key="speedup vs foreach=True",
-            scaling=points,
-        )
-    return 0
+    text = (
+        "## Gradient clipping: clip_grad_norm_ (L2, float32, every call clips)\n\n"
+        f"{info_line(info)}\n\n{SPEEDUP_NOTE} Bandwidth floor: one read of all gradients "
+        "(norm) plus one read and one write (scale) at the measured copy bandwidth.\n\n"
+        + markdown_table(rows, columns) + "\n\nScaling (pyengine against foreach=True):\n\n"
+        + scaling_table(points))
+    return Report(f"clip-{args.device}", text, rows, info, "case", "implementation",
+                  "speedup vs foreach=True", points)
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ float32. Implementations, all timed in one process, alternating:
 Ratios: speedup vs eager = eager's median time (same gamma) over this one's (x faster);
 vs_floor = this one's time over the three matmuls' time. Scaling: ours against eager (gamma 0),
 time against the vocabulary size.
-Peak memory: the resident-set growth (pyengine.benchmarking.peak_rss_delta) of one step, each
+Peak memory: the resident-set growth (harness.peak_rss_delta) of one step, each
 case in a fresh subprocess (CUDA: torch.cuda peak allocated, in process).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -30,20 +29,23 @@ import torch
 import torch.nn.functional as F
 
 import pyengine
-from pyengine.benchmarking import (
+
+from harness import (
     COMPILE_SKIPPED,
     SPEEDUP_NOTE,
+    Report,
+    checkout_env,
     cuda_peak_memory,
+    info_line,
     machine_info,
     markdown_table,
     matmul_peak_gflops,
     measure,
     peak_rss_delta,
-    save_rows_json,
+    run_main,
     scaling_sweep,
     scaling_table,
     speedup,
-    write_results_section,
 )
 
 N = 8192
@@ -51,7 +53,6 @@ SHAPES = [(N, 128, 8192), (N, 128, 32000), (N, 512, 8192), (N, 512, 32000)]  # (
 QUICK_SHAPES = [(256, 32, 512), (200, 48, 1000)]
 SWEEP_V = [1024, 4096, 16384, 32000, 65536]  # at N=4096, H=256
 QUICK_SWEEP_V = [256, 2048]  # at N=128, H=32
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 IMPLS = ["floor", "ours_g0", "ours_g2", "eager_g0", "eager_g2", "compiled_g0", "compiled_g2"]
 
 
@@ -129,7 +130,7 @@ def memory_in_subprocess(impl, shape, device) -> int | None:
         "--device",
         device,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=checkout_env())
     if out.returncode != 0:
         print(out.stderr[-2000:], file=sys.stderr)
         return None
@@ -198,18 +199,7 @@ def sweep(quick: bool, device: str) -> list[dict]:
     )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "N,H,V"), help=argparse.SUPPRESS)
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    args = parser.parse_args(argv)
-    if args.memory_case:
-        impl, shape = args.memory_case
-        peak = memory_case(impl, tuple(int(x) for x in shape.split(",")), args.device)
-        print(json.dumps({"peak": peak}))
-        return 0
+def report(args) -> Report:
     impls = [i for i in IMPLS if not (args.quick and i.startswith("compiled"))]
     info = machine_info(args.device)
     peak = matmul_peak_gflops(1024 if args.quick else 2048, device=args.device)
@@ -218,43 +208,24 @@ def main(argv=None) -> int:
     info["matmul peak GFLOP/s"] = f"{peak:.0f}"
     if args.quick:
         info["torch.compile"] = COMPILE_SKIPPED
-    columns = [
-        "shape",
-        "impl",
-        "ms",
-        "speedup vs eager",
-        "vs_floor",
-        "gflops",
-        "pct_peak",
-        "peak_mb",
-        "mem_vs_eager",
-    ]
-    table = markdown_table(rows, columns) + "\n\nScaling (ours against eager, gamma 0):\n\n"
-    table += scaling_table(points)
-    header = (
+    columns = ["shape", "impl", "ms", "speedup vs eager", "vs_floor", "gflops", "pct_peak",
+               "peak_mb", "mem_vs_eager"]
+    text = (
         f"## Linear + cross-entropy, forward + backward ({args.device})\n\n"
-        f"{', '.join(f'{k}: {v}' for k, v in info.items())}\n\n"
+        f"{info_line(info)}\n\n"
         f"{SPEEDUP_NOTE} eager is the same gamma's eager formula. vs_floor: time "
         "over the three matmuls alone; gflops / pct_peak: the three matmuls' FLOPs over the "
         "time, against the float32 matmul peak measured in this run; peak_mb: resident-set "
         "growth of one step, each case in its own process (CUDA: peak allocated); "
         "mem_vs_eager: ours' peak over eager's at the same gamma.\n\n"
-    )
-    print(header + table)
-    if not args.quick:
-        write_results_section(RESULTS, f"cross-entropy-{args.device}", header + table)
-    if args.json:
-        save_rows_json(
-            args.json,
-            f"cross-entropy-{args.device}",
-            rows,
-            info,
-            case_key="shape",
-            impl_key="impl",
-            ratio_key="speedup vs eager",
-            scaling=points,
-        )
-    return 0
+        + markdown_table(rows, columns) + "\n\nScaling (ours against eager, gamma 0):\n\n"
+        + scaling_table(points))
+    return Report(f"cross-entropy-{args.device}", text, rows, info, "shape", "impl",
+                  "speedup vs eager", points)
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv, memory_case=memory_case)
 
 
 if __name__ == "__main__":

@@ -16,30 +16,29 @@ torch.nn.LSTM model, time against the hidden size.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
 
 import pyengine
-from pyengine.benchmarking import (
-    COMPILE_SKIPPED,
-    SPEEDUP_NOTE,
-    copy_bandwidth_gbs,
-    machine_info,
-    markdown_table,
-    measure,
-    save_rows_json,
-    scaling_sweep,
-    scaling_table,
-    speedup,
-    write_results_section,
-)
 from pyengine.data import ByteTokenizer
 from pyengine.generate import generate
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+from harness import (
+    COMPILE_SKIPPED,
+    SPEEDUP_NOTE,
+    Report,
+    copy_bandwidth_gbs,
+    info_line,
+    machine_info,
+    markdown_table,
+    measure,
+    run_main,
+    scaling_sweep,
+    scaling_table,
+    speedup,
+)
+
 PROMPT = "The quick brown fox jumps over "
 BASELINE = "stateful, torch.nn.LSTM"
 
@@ -135,42 +134,25 @@ def sweep(quick: bool, device: str) -> list[dict]:
     )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    args = parser.parse_args(argv)
+def report(args) -> Report:
     bandwidth = copy_bandwidth_gbs(megabytes=32 if args.quick else 256, device=args.device)
     info = machine_info(args.device) | {"copy bandwidth GB/s": f"{bandwidth:.1f}"}
     if args.quick:
         info["torch.compile"] = COMPILE_SKIPPED
     rows = run(args.quick, args.device, bandwidth)
     points = sweep(args.quick, args.device)
-    table = markdown_table(rows, list(rows[0]))
-    table += f"\n\nScaling (ours against {BASELINE}):\n\n" + scaling_table(points)
-    header = (
+    text = (
         "## Generation (LSTM LM: embed 128, 2 layers; greedy, batch 1)\n\n"
-        + ", ".join(f"{k}: {v}" for k, v in info.items())
-        + "\n\n"
-        + SPEEDUP_NOTE
-        + " weight GB/s: the bytes of every weight but the embedding, once per token.\n\n"
-    )
-    print(header + table)
-    if not args.quick:
-        write_results_section(RESULTS, f"generate-{args.device}", header + table)
-    if args.json:
-        save_rows_json(
-            args.json,
-            f"generate-{args.device}",
-            rows,
-            info,
-            case_key="case",
-            impl_key="implementation",
-            ratio_key=f"speedup vs {BASELINE}",
-            scaling=points,
-        )
-    return 0
+        f"{info_line(info)}\n\n{SPEEDUP_NOTE} weight GB/s: the bytes of every weight but "
+        "the embedding, once per token.\n\n"
+        + markdown_table(rows, list(rows[0]))
+        + f"\n\nScaling (ours against {BASELINE}):\n\n" + scaling_table(points))
+    return Report(f"generate-{args.device}", text, rows, info, "case", "implementation",
+                  f"speedup vs {BASELINE}", points)
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv)
 
 
 if __name__ == "__main__":

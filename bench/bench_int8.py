@@ -15,8 +15,6 @@ float32 F.linear, time against M. The full run writes the int8 sections of bench
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import warnings
 
@@ -24,22 +22,22 @@ import torch
 import torch.nn.functional as F
 
 import pyengine
-from pyengine.benchmarking import (
+from pyengine.nn import Int8Linear
+
+from harness import (
     COMPILE_SKIPPED,
     SPEEDUP_NOTE,
+    Report,
+    info_line,
     machine_info,
     markdown_table,
     matmul_peak_gflops,
     measure,
-    save_rows_json,
+    run_main,
     scaling_sweep,
     scaling_table,
     speedup,
-    write_results_section,
 )
-from pyengine.nn import Int8Linear
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def _ao_dynamic(linear: torch.nn.Linear) -> torch.nn.Module:
@@ -188,17 +186,7 @@ def sweep(quick, device):
         )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
-    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda adds the Triton against cuBLAS table and sweeps on the GPU",
-    )
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    args = parser.parse_args(argv)
+def report(args) -> Report:
     if args.quick:
         Ms, K, N, repeats = (1, 8, 32), 256, 256, 5
     else:
@@ -208,58 +196,27 @@ def main(argv=None) -> int:
     if args.quick:
         info["torch.compile"] = COMPILE_SKIPPED
     rows = bench_linear(Ms, K, N, repeats, args.quick, peak)
-    cols = [
-        "case",
-        "impl",
-        "median ms",
-        "speedup vs float32",
-        "speedup vs ao",
-        "GOP/s",
-        "% of fp32 matmul peak",
-        "weight MB",
-        "max abs err",
-    ]
-    table = markdown_table(rows, cols)
-    print(", ".join(f"{k}: {v}" for k, v in info.items()))
-    print(f"\n{SPEEDUP_NOTE}\n\n{table}")
-    cuda_rows = []
+    cols = ["case", "impl", "median ms", "speedup vs float32", "speedup vs ao", "GOP/s",
+            "% of fp32 matmul peak", "weight MB", "max abs err"]
+    extra, cuda_rows = {}, []
     if args.device == "cuda" and torch.cuda.is_available():
         cuda_rows = bench_cuda(Ms, K, N, repeats)
         cuda_table = markdown_table(
-            cuda_rows, ["case", "impl", "median ms", "speedup vs float32", "GOP/s"]
-        )
-        print(f"\n{cuda_table}")
-        if not (args.no_write or args.quick):
-            write_results_section(
-                RESULTS,
-                "int8-cuda",
-                "## Int8 linear, CUDA (Triton)\n\n" + SPEEDUP_NOTE + "\n\n" + cuda_table,
-            )
+            cuda_rows, ["case", "impl", "median ms", "speedup vs float32", "GOP/s"])
+        extra["int8-cuda"] = ("## Int8 linear, CUDA (Triton)\n\n" + SPEEDUP_NOTE + "\n\n"
+                              + cuda_table)
     points = sweep(args.quick, args.device)
-    sweep_table = scaling_table(points)
-    print(f"\nScaling (ours against float32 F.linear):\n\n{sweep_table}")
-    if not (args.no_write or args.quick):  # a quick smoke run never replaces the real table
-        header = (
-            f"## Int8 linear, CPU\n\n`python bench/bench_int8.py`; "
-            f"threads {torch.get_num_threads()}; {info}\n\n{SPEEDUP_NOTE}\n\n"
-        )
-        write_results_section(
-            RESULTS,
-            "int8-cpu",
-            header + table + "\n\nScaling:\n\n" + sweep_table,
-        )
-    if args.json:
-        save_rows_json(
-            args.json,
-            f"int8-{args.device}",
-            rows + cuda_rows,
-            info,
-            case_key="case",
-            impl_key="impl",
-            ratio_key="speedup vs float32",
-            scaling=points,
-        )
-    return 0
+    text = (
+        f"## Int8 linear, CPU\n\n`python bench/bench_int8.py`; threads "
+        f"{torch.get_num_threads()}; {info_line(info)}\n\n{SPEEDUP_NOTE}\n\n"
+        + markdown_table(rows, cols) + "\n\nScaling (ours against float32 F.linear):\n\n"
+        + scaling_table(points))
+    return Report("int8-cpu", text, rows + cuda_rows, info, "case", "impl",
+                  "speedup vs float32", points, extra)
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,26 +13,24 @@ against the hidden size.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
 
 import pyengine
-from pyengine.benchmarking import (
+
+from harness import (
     SPEEDUP_NOTE,
+    Report,
+    info_line,
     machine_info,
     markdown_table,
     measure,
-    save_rows_json,
+    run_main,
     scaling_sweep,
     scaling_table,
     speedup,
-    write_results_section,
 )
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def bench_generation(quick):
@@ -129,11 +127,7 @@ def sweep(quick):
         )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    args = parser.parse_args(argv)
+def report(args) -> Report:
     info = machine_info("cpu")
     lstm_rows = bench_lstm_layers(args.quick)
     lstm_table = markdown_table(
@@ -142,34 +136,19 @@ def main(argv=None) -> int:
     gen = bench_generation(args.quick)
     gen_table = markdown_table(gen, ["case", "impl", "layers", "tokens/s", "speedup vs float32"])
     points = sweep(args.quick)
-    sweep_table = scaling_table(points)
-    print(", ".join(f"{k}: {v}" for k, v in info.items()))
-    print(f"\n{SPEEDUP_NOTE}\n\n{lstm_table}\n\n{gen_table}\n\n{sweep_table}")
-    if not args.quick:  # a quick smoke run never replaces the real table
-        header = (
-            f"## Int8 LSTM, CPU (inference)\n\n`python bench/bench_int8_lstm.py`; "
-            f"{', '.join(f'{k}: {v}' for k, v in info.items())}\n\n{SPEEDUP_NOTE} The float32 "
-            "baseline is torch.nn.LSTM; max abs err is the output against it.\n\n"
-        )
-        write_results_section(
-            RESULTS,
-            "int8-lstm-cpu",
-            header + lstm_table + "\n\nGreedy generation, batch 1:\n\n" + gen_table
-            + "\n\nScaling (one decoding step, int8 dynamic against torch.nn.LSTM):\n\n"
-            + sweep_table,
-        )
-    if args.json:
-        save_rows_json(
-            args.json,
-            "int8-lstm-cpu",
-            lstm_rows + gen,
-            info,
-            case_key="case",
-            impl_key="impl",
-            ratio_key="speedup vs float32",
-            scaling=points,
-        )
-    return 0
+    text = (
+        f"## Int8 LSTM, CPU (inference)\n\n`python bench/bench_int8_lstm.py`; "
+        f"{info_line(info)}\n\n{SPEEDUP_NOTE} The float32 baseline is torch.nn.LSTM; max abs "
+        "err is the output against it.\n\n" + lstm_table
+        + "\n\nGreedy generation, batch 1:\n\n" + gen_table
+        + "\n\nScaling (one decoding step, int8 dynamic against torch.nn.LSTM):\n\n"
+        + scaling_table(points))
+    return Report("int8-lstm-cpu", text, lstm_rows + gen, info, "case", "impl",
+                  "speedup vs float32", points)
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv, device=False)
 
 
 if __name__ == "__main__":

@@ -13,26 +13,26 @@ medians, in this one process.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
 
 import pyengine
-from pyengine.benchmarking import (
+
+from harness import (
     COMPILE_SKIPPED,
     SPEEDUP_NOTE,
+    Report,
     cuda_peak_memory,
+    info_line,
     machine_info,
     markdown_table,
     matmul_peak_gflops,
     measure,
-    save_rows_json,
+    run_main,
     scaling_sweep,
     scaling_table,
     speedup,
-    write_results_section,
 )
 
 SHAPES = {  # name: (hidden, batch, seq); input 256, 2 layers, float32
@@ -43,7 +43,6 @@ INPUT, LAYERS = 256, 2
 # Steps per turn in the alternation, the first untimed: a training step is timed after a step of
 # its own, as in a training loop, not right after the other implementation evicted its data.
 BLOCK = 5
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 class CellLoop(torch.nn.Module):
@@ -176,30 +175,15 @@ def sweep(quick: bool, device: str) -> list[dict]:
     )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    args = parser.parse_args(argv)
+def report(args) -> Report:
     rows, extra = run(args.quick, args.device)
     points = sweep(args.quick, args.device)
-    columns = [
-        "shape",
-        "implementation",
-        "median ms",
-        "speedup vs torch.nn.LSTM",
-        "GFLOP/s",
-        "% of matmul peak",
-        "x floor",
-    ] + (["peak MB"] if args.device == "cuda" else [])
+    columns = ["shape", "implementation", "median ms", "speedup vs torch.nn.LSTM", "GFLOP/s",
+               "% of matmul peak", "x floor"] + (["peak MB"] if args.device == "cuda" else [])
     info = machine_info(args.device) | extra
-    table = markdown_table(rows, columns) + "\n\nScaling (pyengine against torch.nn.LSTM):\n\n"
-    table += scaling_table(points)
-    header = "## LSTM training step (2 layers, input 256, float32, forward + backward)\n\n"
-    header += ", ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n"
-    header += SPEEDUP_NOTE + " "
-    header += (
+    text = (
+        "## LSTM training step (2 layers, input 256, float32, forward + backward)\n\n"
+        f"{info_line(info)}\n\n{SPEEDUP_NOTE} "
         f"Each implementation is timed alternating with torch.nn.LSTM alone, in turns of "
         f"{BLOCK} steps of which the first is not counted (its speedup is against that "
         "pairing's torch time; the torch.nn.LSTM row is the pyengine pairing's). "
@@ -209,22 +193,14 @@ def main(argv=None) -> int:
         "per-step recurrent GEMMs have M = batch = 8 rows, too few to fill the FMA pipes, plus "
         "the pointwise gate math and the framework's per-call overhead; at the large shape the "
         "GEMMs themselves (MKL, oneDNN) are the cost.\n\n"
-    )
-    print(header + table)
-    if not args.quick:
-        write_results_section(RESULTS, f"lstm-{args.device}", header + table)
-    if args.json:
-        save_rows_json(
-            args.json,
-            f"lstm-{args.device}",
-            rows,
-            info,
-            case_key="shape",
-            impl_key="implementation",
-            ratio_key="speedup vs torch.nn.LSTM",
-            scaling=points,
-        )
-    return 0
+        + markdown_table(rows, columns)
+        + "\n\nScaling (pyengine against torch.nn.LSTM):\n\n" + scaling_table(points))
+    return Report(f"lstm-{args.device}", text, rows, info, "shape", "implementation",
+                  "speedup vs torch.nn.LSTM", points)
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -24,35 +24,33 @@ speedup (both tables) = the `baseline` column's median time over this one's (x f
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import os
 import sys
 
 import torch
 
 import pyengine
-from pyengine.benchmarking import (
-    COMPILE_SKIPPED,
-    SPEEDUP_NOTE,
-    copy_bandwidth_gbs,
-    machine_info,
-    markdown_table,
-    matmul_peak_gflops,
-    measure,
-    save_rows_json,
-    scaling_sweep,
-    scaling_table,
-    speedup,
-    write_results_section,
-)
 from pyengine.data import ByteTokenizer, LanguageModelDataset
 from pyengine.data.corpus import default_corpus
 from pyengine.generate import generate
 from pyengine.ops import unit_importance
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+from harness import (
+    COMPILE_SKIPPED,
+    SPEEDUP_NOTE,
+    Report,
+    copy_bandwidth_gbs,
+    info_line,
+    machine_info,
+    markdown_table,
+    matmul_peak_gflops,
+    measure,
+    run_main,
+    scaling_sweep,
+    scaling_table,
+    speedup,
+)
 
 
 def lm(embed: int, hidden: int, seed: int = 0) -> pyengine.LSTMLanguageModel:
@@ -291,34 +289,16 @@ def quality_section(quick: bool, hidden: int | None = None, steps: int | None = 
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="device of the speed, importance and scaling sections (the "
-        "quality curve always runs on the CPU)",
-    )
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    parser.add_argument(
-        "--quality",
-        action="store_true",
-        help="the perplexity curve in --quick mode too (always at full size)",
-    )
-    parser.add_argument(
-        "--quality-hidden",
-        type=int,
-        default=None,
-        help="hidden size of the perplexity-curve LM (default 512; quick 64)",
-    )
-    parser.add_argument(
-        "--quality-steps",
-        type=int,
-        default=None,
-        help="dense training steps of the perplexity curve (default 1500)",
-    )
-    args = parser.parse_args(argv)
+def add_arguments(parser) -> None:
+    parser.add_argument("--quality", action="store_true",
+                        help="the perplexity curve in --quick mode too (always at full size)")
+    parser.add_argument("--quality-hidden", type=int, default=None,
+                        help="hidden size of the perplexity-curve LM (default 512; quick 64)")
+    parser.add_argument("--quality-steps", type=int, default=None,
+                        help="dense training steps of the perplexity curve (default 1500)")
+
+
+def report(args) -> Report:
     peak = matmul_peak_gflops(1024 if args.quick else 2048, device=args.device)
     bandwidth = copy_bandwidth_gbs(megabytes=32 if args.quick else 256, device=args.device)
     info = machine_info(args.device) | {
@@ -328,60 +308,30 @@ def main(argv=None) -> int:
     if args.quick:
         info["torch.compile"] = COMPILE_SKIPPED
     speed = speed_section(args.quick, args.device, peak)
-    speed_cols = [
-        "case",
-        "baseline",
-        "dense ms",
-        "pruned ms",
-        "speedup",
-        ">= 1.6x",
-        "% of matmul peak (dense / pruned)",
-        "dense tokens/s",
-        "pruned tokens/s",
-        "dense MB",
-        "pruned MB",
-    ]
+    speed_cols = ["case", "baseline", "dense ms", "pruned ms", "speedup", ">= 1.6x",
+                  "% of matmul peak (dense / pruned)", "dense tokens/s", "pruned tokens/s",
+                  "dense MB", "pruned MB"]
     imp = importance_section(args.quick, args.device, bandwidth)
-    imp_cols = [
-        "case",
-        "implementation",
-        "baseline",
-        "median ms",
-        "GB/s",
-        "% of copy bandwidth",
-        "speedup",
-    ]
+    imp_cols = ["case", "implementation", "baseline", "median ms", "GB/s",
+                "% of copy bandwidth", "speedup"]
     points = sweep(args.quick, args.device)
     body = [
-        "## Structured pruning (bench/bench_prune.py)\n\n"
-        + ", ".join(f"{k}: {v}" for k, v in info.items())
-        + f"\n\n{SPEEDUP_NOTE}\n",
-        markdown_table(speed, speed_cols),
-        "",
-        markdown_table(imp, imp_cols),
-        "",
-        "Scaling (dense against pruned, training step):",
-        "",
+        f"## Structured pruning (bench/bench_prune.py)\n\n{info_line(info)}\n\n"
+        f"{SPEEDUP_NOTE}\n",
+        markdown_table(speed, speed_cols), "",
+        markdown_table(imp, imp_cols), "",
+        "Scaling (dense against pruned, training step):", "",
         scaling_table(points),
     ]
     if args.quality or not args.quick:
         q = quality_section(args.quick, args.quality_hidden, args.quality_steps)
         body += ["", markdown_table(q, list(q[0]))]
-    print("\n".join(body))
-    if not args.quick:
-        write_results_section(RESULTS, "prune", "\n".join(body))
-    if args.json:
-        save_rows_json(
-            args.json,
-            f"prune-{args.device}",
-            speed + imp,
-            info,
-            case_key="case",
-            impl_key="implementation",
-            ratio_key="speedup",
-            scaling=points,
-        )
-    return 0
+    return Report("prune", "\n".join(body), speed + imp, info, "case", "implementation",
+                  "speedup", points)
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv, add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

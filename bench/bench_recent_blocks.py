@@ -14,7 +14,6 @@ minor faults per step (getrusage), over every step of each setting after the war
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import sys
@@ -22,20 +21,21 @@ import sys
 import torch
 
 import pyengine
-from pyengine.benchmarking import (
+
+from harness import (
     SPEEDUP_NOTE,
+    Report,
+    info_line,
     machine_info,
     markdown_table,
     measure,
-    save_rows_json,
+    run_main,
     speedup,
-    write_results_section,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # noqa: E402  (the LM step and its sizes, shared with that benchmark)
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 SETTINGS = {"recent blocks": True, "ATen allocator": False}
 BASELINE = "ATen allocator"
 BLOCK = 5
@@ -108,30 +108,22 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    args = parser.parse_args(argv)
+def report(args) -> Report:
     info = machine_info("cpu")
     rows = run(args.quick)
-    table = markdown_table(rows, list(rows[0]))
-    print(", ".join(f"{k}: {v}" for k, v in info.items()))
-    print(f"\n{SPEEDUP_NOTE}\n\n{table}")
-    if not args.quick:  # a quick smoke run never replaces the real table
-        header = (
-            "## Output allocator of the CPU kernels (recent blocks against ATen's)\n\n"
-            f"`python bench/bench_recent_blocks.py`; "
-            f"{', '.join(f'{k}: {v}' for k, v in info.items())}\n\n{SPEEDUP_NOTE} Both settings "
-            f"in one process (pyengine.backends.cpu.recent_blocks switched per call), alternating "
-            f"in turns of "
-            f"{BLOCK} steps, the first of each turn not counted, medians.\n\n"
-        )
-        write_results_section(RESULTS, "recent-blocks-cpu", header + table)
-    if args.json:
-        save_rows_json(args.json, "recent-blocks-cpu", rows, info, case_key="case",
-                       impl_key="allocator", ratio_key="speedup vs ATen allocator")
-    return 0
+    text = (
+        "## Output allocator of the CPU kernels (recent blocks against ATen's)\n\n"
+        f"`python bench/bench_recent_blocks.py`; {info_line(info)}\n\n{SPEEDUP_NOTE} Both "
+        "settings in one process (pyengine.backends.cpu.recent_blocks switched per call), "
+        "alternating in turns "
+        f"of {BLOCK} steps, the first of each turn not counted, medians.\n\n"
+        + markdown_table(rows, list(rows[0])))
+    return Report("recent-blocks-cpu", text, rows, info, "case", "allocator",
+                  "speedup vs ATen allocator")
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv, device=False)
 
 
 if __name__ == "__main__":

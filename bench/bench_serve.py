@@ -32,17 +32,19 @@ import httpx
 import torch
 
 import pyengine
-from pyengine.benchmarking import (
-    machine_info,
-    markdown_table,
-    save_rows_json,
-    scaling_table,
-    write_results_section,
-)
 from pyengine.data import ByteTokenizer
 from pyengine.train import save_model
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+from harness import (
+    Report,
+    checkout_env,
+    info_line,
+    machine_info,
+    markdown_table,
+    run_main,
+    scaling_table,
+)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCHED, SERIAL = "continuous batching (max batch 16)", "one at a time (max batch 1)"
 BASELINE = SERIAL
@@ -65,7 +67,7 @@ class Server:
                    "--device", "cpu", "--port", str(self.port), "--max-batch", str(max_batch),
                    "--max-queue", "256", "--threads", str(threads), "--log-level", "warning"]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+                                        stderr=subprocess.PIPE, text=True, env=checkout_env())
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -160,14 +162,13 @@ def run_case(servers: dict[str, Server], clients: int, requests: int, new_tokens
     return summary
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each server (1: the load runs on the other core)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    args = parser.parse_args(argv)
+
+
+def report(args) -> Report:
     requests, new_tokens, rounds = (32, 16, 1) if args.quick else (128, 64, 3)
     time_limit = 60.0 if args.quick else 300.0
     sweep_clients = [1, args.clients] if args.quick else [1, 4, args.clients]
@@ -215,26 +216,25 @@ def main(argv=None) -> int:
             "complete": "yes" if result["complete"] else "no: time limit",
         })
     info = machine_info("cpu") | {"server torch threads": args.threads, "rounds": rounds}
+    if not all(r["complete"] for r in main_case.values()):
+        raise RuntimeError(f"a server did not finish its requests within {time_limit} s")
     table = markdown_table(rows, list(rows[0]))
     table += "\n\nScaling (p50 latency against concurrent clients):\n\n" + scaling_table(points)
     header = (
         "## Serving (pyengine serve over loopback HTTP; LM embed 64, hidden 128, 2 layers, "
         "byte vocabulary; sampling temperature 0.8, top-k 40)\n\n"
-        "`python bench/bench_serve.py`; "
-        + ", ".join(f"{k}: {v}" for k, v in info.items())
+        "`python bench/bench_serve.py`; " + info_line(info)
         + "\n\nThe load (httpx clients) runs on the same machine as the servers. tokens/s and "
         "requests/s: medians over the rounds; p50/p99: request latency over all rounds. "
         f"speedup vs {BASELINE} = this server's tokens/s over that one's (x faster: above 1 "
         "is faster).\n\n"
     )
-    print(header + table)
-    if not args.quick:
-        write_results_section(RESULTS, "serve-cpu", header + table)
-    if args.json:
-        save_rows_json(args.json, "serve-cpu", rows, info, case_key="case",
-                       impl_key="implementation", ratio_key=f"speedup vs {BASELINE}",
-                       scaling=points)
-    return 0 if all(r["complete"] for r in main_case.values()) else 1
+    return Report("serve-cpu", header + table, rows, info, "case", "implementation",
+                  f"speedup vs {BASELINE}", scaling=points)
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv, device=False, add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,18 @@
     python bench/bench_train.py --quick    # tiny sizes, 2 repeats, no RESULTS.md (checks it runs)
 
 One step = embedding -> 2-layer LSTM -> vocabulary head with the mean cross-entropy ->
-backward -> clip the global gradient norm to 1 -> Adam step -> zero_grad(set_to_none=True).
-The optimizer is not ours and is the same on both sides: PyTorch's fused Adam (its fastest,
-and what pyengine's Trainer uses by default).
-  pyengine  LSTMLanguageModel with pyengine.nn.LSTM, the model's fused `targets=` loss path
-            (pyengine.ops.linear_cross_entropy: the [B,T,V] logits are never held) and
+backward -> clip the global gradient norm to 1 -> Adam step -> zero_grad(set_to_none=True),
+taken by the same training loop on every side: pyengine's Trainer.train_step. The optimizer is
+not ours and is the same on both sides: PyTorch's fused Adam (its fastest, and what pyengine's
+Trainer uses by default).
+  pyengine  LSTMLanguageModel with pyengine.nn.LSTM, the model's fused loss (compute_loss:
+            pyengine.ops.linear_cross_entropy, the [B,T,V] logits are never held) and
             pyengine.clip_grad_norm_
-  torch     the same model class with lstm_class=torch.nn.LSTM, logits + F.cross_entropy and
-            torch.nn.utils.clip_grad_norm_
+  torch     the same model class with lstm_class=torch.nn.LSTM and fused_loss=False (logits +
+            cross-entropy) and torch.nn.utils.clip_grad_norm_
 Both start from the same weights (load_state_dict) and see the same batches; both are timed in
 one process, alternating in turns of BLOCK steps whose first step is not counted
-(pyengine.benchmarking.measure), medians reported; tokens/s is
+(harness.measure), medians reported; tokens/s is
 batch x seq over the median step time. Peak memory: each (implementation, size) in a fresh
 subprocess, the resident-set growth (peak_rss_delta) over a few steps taken after one warm-up
 step, so parameters and Adam state (already allocated) are excluded and gradients, activations
@@ -25,42 +26,42 @@ steps' peak. CUDA: torch.cuda peak allocated over the same steps, in process (to
 cuDNN's LSTM). Throughput: the step's matmul FLOPs (6 per token and weight-matrix element,
 embedding excluded) against the float32 matmul peak measured in the same run. Scaling: pyengine
 against torch, step time against the batch size. Full runs add "torch.compile": the plain
-PyTorch step with its forward + loss compiled (backward through AOTAutograd; clipping and Adam
-stay eager), timed after its compilation in the warm-up, alternating with the eager torch step
-only (its speedup is against that pairing's torch time).
+PyTorch step with its forward + loss compiled (Trainer(compile=True); backward through
+AOTAutograd; clipping and Adam stay eager), timed after its compilation in the warm-up,
+alternating with the eager torch step only (its speedup is against that pairing's torch time).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
-import pyengine
-from pyengine.benchmarking import (
+from pyengine.models import LSTMLanguageModel
+from pyengine.train import Trainer
+from pyengine.train.optimizers import adam
+
+from harness import (
     COMPILE_SKIPPED,
     SPEEDUP_NOTE,
+    Report,
+    checkout_env,
     cuda_peak_memory,
+    info_line,
     machine_info,
     markdown_table,
     matmul_peak_gflops,
     measure,
     peak_rss_delta,
-    save_rows_json,
+    run_main,
     scaling_sweep,
     scaling_table,
     speedup,
-    write_results_section,
 )
-from pyengine.models import LSTMLanguageModel
-from pyengine.train.optimizers import adam
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 IMPLS = ["pyengine", "torch"]
 # name: (vocab, embed, hidden, layers, batch, seq)
 SIZES = {
@@ -96,7 +97,8 @@ def make_models(size, device, impls=IMPLS):
     models = {"pyengine": ours}
     for impl in impls:
         if impl != "pyengine":
-            ref = LSTMLanguageModel(vocab, embed, hidden, layers, lstm_class=torch.nn.LSTM)
+            ref = LSTMLanguageModel(vocab, embed, hidden, layers, lstm_class=torch.nn.LSTM,
+                                    fused_loss=False)
             ref.load_state_dict(ours.state_dict())
             models[impl] = ref.to(device)
     return models
@@ -110,33 +112,21 @@ def make_batches(size, device):
 
 
 def step_fn(impl, model, batches):
-    """A closure doing one full training step per call, cycling through `batches`."""
+    """A closure doing one full training step per call (the Trainer's train_step), cycling
+    through `batches`."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = adam(params, lr=1e-3, decoupled=False)  # fused: the same optimizer on both sides
-    vocab = model.head.out_features
+    trainer = Trainer(
+        model, optimizer=adam(params, lr=1e-3, decoupled=False),  # the same on both sides
+        grad_clip=1.0, clip_fn=None if impl == "pyengine" else torch.nn.utils.clip_grad_norm_,
+        compile=impl == COMPILE_IMPL, device=next(model.parameters()).device,
+        log_grad_norms=False, loggers=[], progress=False)
     counter = [0]
     losses = []
-
-    def plain_loss(x, y):
-        logits, _ = model(x)
-        return F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
-
-    loss_of = torch.compile(plain_loss) if impl == COMPILE_IMPL else plain_loss
 
     def step():
         x, y = batches[counter[0] % len(batches)]
         counter[0] += 1
-        if impl == "pyengine":
-            loss, _ = model(x, None, targets=y)
-            loss.backward()
-            pyengine.clip_grad_norm_(params, 1.0)
-        else:
-            loss = loss_of(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(float(trainer.train_step({"input": x, "target": y})))
 
     step.losses = losses
     return step
@@ -160,7 +150,7 @@ def memory_case(impl, size, device) -> int | None:
 def memory_in_subprocesses(impls, size, device) -> dict[str, int | None]:
     """Peak memory of each implementation at `size`, each in its own fresh process (run side
     by side: the numbers are per process, and no timing happens there)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    env = checkout_env(MALLOC_MMAP_THRESHOLD_="131072")
     procs = {
         impl: subprocess.Popen(
             [
@@ -287,72 +277,38 @@ def sweep(quick: bool, device: str) -> list[dict]:
     )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "SIZE"), help=argparse.SUPPRESS)
-    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
-    args = parser.parse_args(argv)
-    if args.memory_case:
-        impl, size = args.memory_case
-        peak = memory_case(impl, tuple(int(x) for x in size.split(",")), args.device)
-        print(json.dumps({"peak": peak}))
-        return 0
+def report(args) -> Report:
     peak = matmul_peak_gflops(1024 if args.quick else 2048, device=args.device)
     info = machine_info(args.device) | {"matmul peak GFLOP/s": f"{peak:.0f}"}
     info["torch.compile"] = COMPILE_SKIPPED if args.quick else COMPILE_NOTE
     rows = run(args.quick, args.device, peak)
     points = sweep(args.quick, args.device)
-    columns = [
-        "size",
-        "impl",
-        "ms",
-        "tokens_per_s",
-        "speedup vs torch",
-        "gflops",
-        "pct_peak",
-        "peak_mb",
-        "mem_vs_torch",
-        "first_loss",
-        "target",
-        "met",
-    ]
-    table = markdown_table(rows, columns) + "\n\nScaling (pyengine against torch):\n\n"
-    table += scaling_table(points)
-    header = (
-        f"## LSTM language model, full training step ({args.device})\n\n"
-        + ", ".join(f"{k}: {v}" for k, v in info.items())
-        + "\n\n"
-        "One step: embedding, LSTM, vocabulary head + mean cross-entropy, backward, clip to "
-        "norm 1, Adam (PyTorch's fused implementation on both sides: not ours, and its "
-        "fastest), zero_grad. pyengine: pyengine.nn.LSTM + the model's fused `targets=` "
-        "loss (logits never held) + pyengine.clip_grad_norm_; torch: torch.nn.LSTM + logits + "
-        "F.cross_entropy + torch.nn.utils.clip_grad_norm_. Same weights, same batches, timed "
-        f"alternating in one process in turns of {BLOCK} steps, the first of each turn not "
-        "counted (a step is timed after a step of its own model, as in training), medians. "
+    columns = ["size", "impl", "ms", "tokens_per_s", "speedup vs torch", "gflops", "pct_peak",
+               "peak_mb", "mem_vs_torch", "first_loss", "target", "met"]
+    text = (
+        f"## LSTM language model, full training step ({args.device})\n\n{info_line(info)}"
+        "\n\nOne step (pyengine's Trainer.train_step on every side): embedding, LSTM, "
+        "vocabulary head + mean cross-entropy, backward, clip to norm 1, Adam (PyTorch's fused "
+        "implementation on both sides: not ours, and its fastest), zero_grad. pyengine: "
+        "pyengine.nn.LSTM + the model's fused loss (logits never held) + "
+        "pyengine.clip_grad_norm_; torch: torch.nn.LSTM + logits + cross-entropy + "
+        "torch.nn.utils.clip_grad_norm_. Same weights, same batches, timed alternating in one "
+        f"process in turns of {BLOCK} steps, the first of each turn not counted (a step is "
+        "timed after a step of its own model, as in training), medians. "
         + SPEEDUP_NOTE + " (= the tokens/s ratio). "
         "gflops / pct_peak: the step's matmul FLOPs over its time, against the float32 matmul "
         "peak measured in this run. peak_mb: resident-set growth over "
         f"{MEMORY_STEPS} steps after one warm-up step, each case in its own process "
         "(parameters and Adam state excluded; gradients, activations and temporaries "
         "included). first_loss: the loss of the first step, same weights and batch.\n\n"
-    )
-    print(header + table)
-    if not args.quick:
-        write_results_section(RESULTS, f"train-{args.device}", header + table)
-    if args.json:
-        save_rows_json(
-            args.json,
-            f"train-{args.device}",
-            rows,
-            info,
-            case_key="size",
-            impl_key="impl",
-            ratio_key="speedup vs torch",
-            scaling=points,
-        )
-    return 0
+        + markdown_table(rows, columns) + "\n\nScaling (pyengine against torch):\n\n"
+        + scaling_table(points))
+    return Report(f"train-{args.device}", text, rows, info, "size", "impl", "speedup vs torch",
+                  points)
+
+
+def main(argv=None) -> int:
+    return run_main(report, __doc__, argv, memory_case=memory_case)
 
 
 if __name__ == "__main__":

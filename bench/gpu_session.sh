@@ -53,6 +53,30 @@ for act in ("dynamic", "none"):
     print("int8 LM cuda vs cpu", act, "max abs diff", f"{(gpu - cpu).abs().max().item():.2e}")
 PYEOF
 
+# The application on the GPU: the Trainer at each precision (the step must not wait for the
+# device: count host syncs with torch.cuda.set_sync_debug_mode), then the demo's two sides.
+$PY - <<'PYEOF'
+import torch
+from pyengine.data import ByteTokenizer, LanguageModelDataset, default_corpus
+from pyengine.models import LSTMLanguageModel
+from pyengine.train import Trainer
+data = LanguageModelDataset.from_text(default_corpus(200_000), ByteTokenizer(), 16, 64)
+batches = list(data.batches())[:8]
+for precision in ("fp32", "bf16", "fp16"):
+    torch.manual_seed(0)
+    t = Trainer(LSTMLanguageModel(256, 128, 256, 2), device="cuda", precision=precision,
+                loggers=[], progress=False, log_grad_norms=False, log_every=1000)
+    t.fit(data.__class__.from_text(default_corpus(50_000), ByteTokenizer(), 16, 64))
+    torch.cuda.set_sync_debug_mode("warn")
+    for b in batches:
+        loss = t.train_step(b, stateful=True)
+    torch.cuda.set_sync_debug_mode(0)
+    print("Trainer cuda", precision, "loss", float(loss), "eval", t.evaluate(data)["loss"])
+PYEOF
+timeout 900 $PY -m pyengine demo --device cuda --steps 100 --domain-steps 20 \
+  --domain-chars 50000 --bleu-prompts 4 --classify-examples 400 --classify-steps 20 \
+  --output-dir "${TMPDIR:-/tmp}/pyengine-gpu-demo" 2>&1 | tail -30
+
 for script in bench/bench_lstm.py bench/bench_cross_entropy.py bench/bench_clip.py \
               bench/bench_int8.py bench/bench_generate.py bench/bench_prune.py; do
   echo "== $script"

@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from pyengine.benchmarking import markdown_table, write_results_section
+from harness import markdown_table, write_results_section
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 

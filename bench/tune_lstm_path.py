@@ -14,7 +14,8 @@ import os
 import torch
 
 import pyengine  # noqa: F401  (registers the ops)
-from pyengine.benchmarking import markdown_table, measure
+
+from harness import markdown_table, measure
 
 FORWARD = torch.ops.pyengine.lstm_layer_forward.default
 BACKWARD = torch.ops.pyengine.lstm_layer_backward.default

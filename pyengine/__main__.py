@@ -1,6 +1,8 @@
 """`python -m pyengine ...` runs the `pyengine` command."""
 
+import sys
+
 from pyengine.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

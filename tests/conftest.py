@@ -8,7 +8,9 @@ last, can compile each configuration for real GPUs.
 
 import json
 import os
+import pathlib
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -18,6 +20,7 @@ from pyengine import testing  # noqa: E402
 
 testing.install_triton_launch_recorder()
 torch.manual_seed(0)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(items):
@@ -31,3 +34,11 @@ def pytest_sessionfinish(session):
     if path:
         with open(path, "w") as f:
             json.dump(list(testing.TRITON_LAUNCHES.values()), f, default=repr)
+
+
+@pytest.fixture
+def checkout_env():
+    """The environment for a Python subprocess that must import this checkout's pyengine (a
+    script run from a temporary folder would otherwise import whichever one is installed)."""
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + path if path else ""))

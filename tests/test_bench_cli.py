@@ -7,8 +7,11 @@ is a separate CI step. Results are not asserted, only that the family ran and pr
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 from pyengine import cli
+from pyengine.cli import bench as bench_command
 
 
 def test_bench_quick_clip_writes_report_json_and_plot(tmp_path, capsys):
@@ -102,7 +105,7 @@ def test_bench_generic_discovery_option_passing_and_failures(tmp_path, monkeypat
     (bench / "bench_beta.py").write_text(FAKE_PLAIN)
     (bench / "bench_gamma.py").write_text("raise SystemExit('gamma broke')\n")
     (bench / "helper.py").write_text("")  # not a bench_*.py: ignored
-    monkeypatch.setattr(cli, "_bench_dir", lambda: bench)
+    monkeypatch.setattr(bench_command, "bench_dir", lambda: bench)
     out = tmp_path / "out"
     code = cli.main(["bench", "--quick", "--device", "cpu", "--output", str(out)])
     assert code == 1  # gamma failed
@@ -122,13 +125,16 @@ def test_bench_generic_discovery_option_passing_and_failures(tmp_path, monkeypat
 
 
 def test_bench_without_a_bench_folder_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_bench_dir", lambda: tmp_path / "bench")
+    monkeypatch.setattr(bench_command, "bench_dir", lambda: tmp_path / "bench")
     assert cli.main(["bench", "--output", str(tmp_path / "out")]) == 2
     assert "not installed" in capsys.readouterr().err
 
 
 def test_measure_interleaves_cases_and_skips_the_first_call_of_each_block():
-    from pyengine.benchmarking import measure
+    folder = str(Path(__file__).resolve().parents[1] / "bench")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    from harness import measure
 
     calls = []
     cases = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}

@@ -1,19 +1,20 @@
 """bench/bench_train.py --quick runs in-process and every case produces numbers (no timing
 assertions: tests never time)."""
 
-import importlib.util
+import importlib
 import json
 import math
+import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_train.py"
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_bench(name="bench_train"):
+    """A bench/ script as a module (its folder on the path, as when it runs as a script)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(name)
 
 
 def test_bench_train_quick_produces_every_case(monkeypatch, capsys, tmp_path):
@@ -21,8 +22,9 @@ def test_bench_train_quick_produces_every_case(monkeypatch, capsys, tmp_path):
     # one tiny size keeps the test short; --quick never writes RESULTS.md
     monkeypatch.setattr(bench, "QUICK_SIZES", {"tiny": (300, 8, 16, 2, 2, 8)})
     monkeypatch.setattr(bench, "QUICK_SWEEP_BATCHES", [1, 2])
+    harness = load_bench("harness")
     monkeypatch.setattr(
-        bench,
+        harness,
         "write_results_section",
         lambda *a: (_ for _ in ()).throw(AssertionError("--quick must not write RESULTS.md")),
     )

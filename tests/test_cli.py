@@ -112,12 +112,13 @@ def test_demo_reports_a_stage_error_clearly(tmp_path):
 
 
 @pytest.mark.slow
-def test_module_entry_point_runs_demo(tmp_path):
+def test_module_entry_point_runs_demo(tmp_path, checkout_env):
     result = subprocess.run(
         [sys.executable, "-m", "pyengine.cli", "demo", *TINY, "--output-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
+        env=checkout_env,
     )
     assert result.returncode == 0, result.stderr
     assert "speed ratio ours/torch" in result.stdout

@@ -24,11 +24,17 @@ from pyengine.data.labelled import (
     default_classification_task,
     load_labelled,
 )
-from pyengine.data.text_tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from pyengine.data.text_tokenizers import (
+    BPETokenizer,
+    CharTokenizer,
+    HFTokenizer,
+    tokenizer_from_dict,
+)
 from pyengine.data.tokenizers import ByteTokenizer
 
 __all__ = [
     "BPETokenizer", "ByteTokenizer", "CharTokenizer", "ClassificationDataset", "DataFileError",
+    "HFTokenizer",
     "LabelledData", "clean_text", "dedupe_lines", "default_classification_task",
     "load_labelled", "normalize_whitespace",
     "LanguageModelDataset", "augment_tokens", "batchify", "class_weights", "collate",

@@ -126,6 +126,9 @@ class ClassificationDataset:
 
     @classmethod
     def from_texts(cls, texts: Sequence[str], labels: Sequence[int], tokenizer, **kw):
+        """Encode `texts` with `tokenizer`; padding uses its pad_id when it has one."""
+        if getattr(tokenizer, "pad_id", None) is not None:
+            kw.setdefault("pad_id", tokenizer.pad_id)
         return cls([tokenizer.encode(t) for t in texts], labels, texts=texts, **kw)
 
     def with_options(self, **kw) -> ClassificationDataset:
@@ -184,15 +187,22 @@ def collate(seqs: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int = 
 
 
 def class_weights(counts: Sequence[int], mode: str = "balanced") -> torch.Tensor:
-    """Per-class loss weights from label counts: "balanced" = n / (C * count_c) (sklearn's),
-    "inverse_sqrt" = normalised 1/sqrt(count_c). A class with count 0 gets weight 0."""
+    """Per-class loss weights from label counts: "balanced" = n / (C * count_c) (scikit-learn's
+    compute_class_weight over the classes present), "inverse_sqrt" = normalised
+    1/sqrt(count_c). A class with count 0 gets weight 0."""
+    import numpy as np
+    from sklearn.utils.class_weight import compute_class_weight
+
     c = torch.tensor(list(counts), dtype=torch.float64)
     if c.numel() == 0 or (c < 0).any() or c.sum() == 0:
         raise ValueError(f"counts must be non-negative with a positive sum, got {list(counts)}")
     present = c > 0
     w = torch.zeros_like(c)
     if mode == "balanced":
-        w[present] = c.sum() / (present.sum() * c[present])
+        classes = np.flatnonzero(present.numpy())
+        labels = np.repeat(classes, c[present].long().numpy())
+        w[present] = torch.from_numpy(compute_class_weight("balanced", classes=classes,
+                                                           y=labels))
     elif mode == "inverse_sqrt":
         w[present] = 1.0 / c[present].sqrt()
         w = w * present.sum() / w.sum()
@@ -228,29 +238,33 @@ def resample(labels: Sequence[int], mode: str = "over", seed: int = 0) -> list[i
 def train_val_test_split(n: int, val: float = 0.1, test: float = 0.1, seed: int = 0,
                          stratify: Sequence[int] | None = None
                          ) -> tuple[list[int], list[int], list[int]]:
-    """Seeded random split of range(n) into train/val/test index lists (fractions val, test),
-    optionally stratified by labels so each part keeps the class proportions."""
+    """Seeded random split of range(n) into sorted train/val/test index lists (fractions val,
+    test) through scikit-learn's train_test_split, optionally stratified by labels so each
+    part keeps the class proportions (every part must then hold at least one example of
+    each class, or it is refused with the reason)."""
+    from sklearn.model_selection import train_test_split
+
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"val and test must be fractions with val + test < 1, got {val}, {test}")
-    g = torch.Generator().manual_seed(seed)
-    groups: list[list[int]]
-    if stratify is not None:
-        if len(stratify) != n:
-            raise ValueError(f"stratify has {len(stratify)} labels for n={n}")
-        by: dict[int, list[int]] = {}
-        for i, y in enumerate(stratify):
-            by.setdefault(int(y), []).append(i)
-        groups = [by[k] for k in sorted(by)]
-    else:
-        groups = [list(range(n))]
-    train, valid, tst = [], [], []
-    for members in groups:
-        perm = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
-        n_val, n_test = round(len(perm) * val), round(len(perm) * test)
-        valid += perm[:n_val]
-        tst += perm[n_val : n_val + n_test]
-        train += perm[n_val + n_test :]
-    return sorted(train), sorted(valid), sorted(tst)
+    if stratify is not None and len(stratify) != n:
+        raise ValueError(f"stratify has {len(stratify)} labels for n={n}")
+    index, labels = list(range(n)), list(stratify) if stratify is not None else None
+    parts = {}
+    try:
+        for name, fraction in (("test", test), ("val", val)):
+            size = round(n * fraction)
+            if size == 0:
+                parts[name] = []
+                continue
+            index, parts[name], *split_labels = train_test_split(
+                index, *([labels] if labels is not None else []), test_size=size,
+                random_state=seed, stratify=labels)
+            labels = split_labels[0] if split_labels else None
+    except ValueError as exc:
+        raise ValueError(f"cannot split {n} examples into val={val} and test={test}"
+                         f"{' stratified by label' if stratify is not None else ''}: {exc}"
+                         ) from None
+    return sorted(index), sorted(parts["val"]), sorted(parts["test"])
 
 
 Augment = Callable[[Sequence[int], torch.Generator], list[int]]

@@ -32,14 +32,20 @@ class LabelledData:
 
 
 class DataFileError(ValueError):
-    """A data file with bad lines (and on_error='raise'); `problems` lists them all."""
+    """A data file with bad lines (and on_error='raise'); `problems` lists them all.
 
-    def __init__(self, path, problems: list[str]) -> None:
-        self.problems = problems
-        head = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(f"{path}: {len(problems)} bad line(s); pass on_error='skip' to skip "
-                         f"them:\n  {head}{more}")
+    `describe(hint)` words the advice for the caller: the command line names its flag."""
+
+    def __init__(self, path, problems: list[str], skippable: bool = True) -> None:
+        self.path, self.problems, self.skippable = path, problems, skippable
+        super().__init__(self.describe("on_error='skip'"))
+
+    def describe(self, hint: str) -> str:
+        head = "\n  ".join(self.problems[:20])
+        n = len(self.problems)
+        more = f"\n  ... and {n - 20} more" if n > 20 else ""
+        advice = f"; pass {hint} to skip them" if self.skippable else ""
+        return f"{self.path}: {n} bad line(s){advice}:\n  {head}{more}"
 
 
 def _decoded_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
@@ -57,10 +63,85 @@ def _decoded_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
     return out
 
 
+FORMATS = ("csv", "tsv", "jsonl", "json", "txt")
+
+
+def _jsonl_rows(path, lines, text_field, label_field, problems):
+    rows = []
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{number}: invalid JSON ({exc.msg})")
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"{path}:{number}: expected a JSON object, got "
+                            f"{type(record).__name__}")
+            continue
+        rows.append((number, record.get(text_field), record.get(label_field)))
+    return rows
+
+
+def _txt_rows(path, lines, problems):
+    """`label<TAB>text` lines, or fastText's `__label__<label> text`."""
+    rows = []
+    for number, line in lines:
+        if not line.strip():
+            continue
+        if line.startswith("__label__"):
+            label, _, text = line[len("__label__"):].partition(" ")
+        elif "\t" in line:
+            label, _, text = line.partition("\t")
+        else:
+            problems.append(f"{path}:{number}: expected 'label<TAB>text' or "
+                            "'__label__<label> text'")
+            continue
+        rows.append((number, text, label))
+    return rows
+
+
+def _csv_rows(path, lines, text_field, label_field, problems, delimiter):
+    """Rows of a CSV/TSV file with a header; a row the csv module cannot read (a field over
+    its size limit, say) is a bad line like any other."""
+    numbers = [n for n, _ in lines]
+    reader = csv.reader(io.StringIO("\n".join(t for _, t in lines)), delimiter=delimiter)
+    header, rows, consumed = None, [], 0
+    while True:
+        start = numbers[consumed] if consumed < len(numbers) else (numbers or [0])[-1]
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            consumed = reader.line_num
+            kind = "TSV" if delimiter == "\t" else "CSV"
+            problems.append(f"{path}:{start}: unreadable {kind} row ({exc})")
+            continue
+        consumed = reader.line_num
+        if header is None:
+            header = row
+            for name in (text_field, label_field):
+                if name not in header:
+                    raise DataFileError(path, [f"{path}:{start}: header has no column "
+                                               f"{name!r} (columns: {header})"], False)
+            ti, li = header.index(text_field), header.index(label_field)
+            continue
+        if not row:
+            continue
+        if len(row) != len(header):
+            problems.append(f"{path}:{start}: expected {len(header)} fields, got {len(row)}")
+            continue
+        rows.append((start, row[ti], row[li]))
+    return rows
+
+
 def load_labelled(path: str | os.PathLike, text_field: str = "text", label_field: str = "label",
                   labels: list[str] | None = None, on_error: str = "raise",
                   format: str | None = None) -> LabelledData:
-    """Read (text, label) examples from a .csv (with a header row) or .jsonl file.
+    """Read (text, label) examples from a .csv / .tsv (with a header row), .jsonl or .txt file
+(`label<TAB>text` or fastText's `__label__<label> text` per line).
 
     labels: the known label names (their order gives the class ids); a label outside them is a
     bad line. Without it the classes are the sorted distinct labels found. Bad lines (invalid
@@ -74,47 +155,18 @@ def load_labelled(path: str | os.PathLike, text_field: str = "text", label_field
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     fmt = format or path.suffix.lower().lstrip(".")
-    if fmt not in ("csv", "jsonl", "json"):
-        raise ValueError(f"{path}: format must be csv or jsonl, got {fmt!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"{path}: format must be one of {FORMATS} (by the file's suffix), "
+                         f"got {fmt!r}")
     problems: list[str] = []
     lines = _decoded_lines(path, problems)
-    rows: list[tuple[int, object, object]] = []
     if fmt in ("jsonl", "json"):
-        for number, line in lines:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{number}: invalid JSON ({exc.msg})")
-                continue
-            if not isinstance(record, dict):
-                problems.append(f"{path}:{number}: expected a JSON object, got "
-                                f"{type(record).__name__}")
-                continue
-            rows.append((number, record.get(text_field), record.get(label_field)))
+        rows = _jsonl_rows(path, lines, text_field, label_field, problems)
+    elif fmt == "txt":
+        rows = _txt_rows(path, lines, problems)
     else:
-        numbers = [n for n, _ in lines]
-        reader = csv.reader(io.StringIO("\n".join(t for _, t in lines)))
-        header = None
-        consumed = 0
-        for row in reader:
-            start = numbers[consumed] if consumed < len(numbers) else numbers[-1]
-            consumed = reader.line_num
-            if header is None:
-                header = row
-                for name in (text_field, label_field):
-                    if name not in header:
-                        raise DataFileError(path, [f"{path}:{start}: header has no column "
-                                                   f"{name!r} (columns: {header})"])
-                ti, li = header.index(text_field), header.index(label_field)
-                continue
-            if not row:
-                continue
-            if len(row) != len(header):
-                problems.append(f"{path}:{start}: expected {len(header)} fields, got {len(row)}")
-                continue
-            rows.append((start, row[ti], row[li]))
+        rows = _csv_rows(path, lines, text_field, label_field, problems,
+                         "\t" if fmt == "tsv" else ",")
     known = {name: i for i, name in enumerate(labels)} if labels is not None else None
     good: list[tuple[str, str]] = []
     for number, text, label in rows:

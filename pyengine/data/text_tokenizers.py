@@ -1,5 +1,6 @@
-"""Trainable tokenizers: character-level and BPE (through HF `tokenizers`), both serialisable
-with `to_dict()` / `tokenizer_from_dict()` so they are saved and loaded with the model."""
+"""Trainable tokenizers: character-level and BPE (through HF `tokenizers`), and any Hugging Face
+tokenizer file; all serialisable with `to_dict()` / `tokenizer_from_dict()` so they are saved
+and loaded with the model."""
 
 from __future__ import annotations
 
@@ -79,17 +80,82 @@ class CharTokenizer:
         return hash(tuple(self.chars))
 
 
-class BPETokenizer:
-    """Byte-level BPE trained on the user's corpus with HF `tokenizers` (lossless round trip).
+PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<PAD>", "[pad]", "<|padding|>")
 
-    `BPETokenizer.train(texts, vocab_size)`; token 0 is <pad>. Serialises to the tokenizers
-    JSON string, so it travels inside a checkpoint.
+
+class HFTokenizer:
+    """Any Hugging Face `tokenizers.Tokenizer` (for example a trained `tokenizer.json`), or a
+    transformers fast tokenizer, serialisable into a checkpoint as its JSON.
+
+    pad_id: the id the tokenizer pads with (its padding setting), else a special token named
+    like a pad token ("<pad>", "[PAD]", ...), else None: padded batches then pad with id 0,
+    which is harmless because pyengine's classifier masks every padded position by length.
     """
 
     def __init__(self, tokenizer) -> None:
+        # a transformers "fast" tokenizer carries a tokenizers.Tokenizer and its pad token id
+        pad = getattr(tokenizer, "pad_token_id", None)
+        tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
-        self.pad_id = tokenizer.token_to_id("<pad>") or 0
+        self.pad_id = int(pad) if pad is not None else self._find_pad_id(tokenizer)
+
+    @staticmethod
+    def _find_pad_id(tokenizer) -> int | None:
+        padding = tokenizer.padding
+        if padding and padding.get("pad_id") is not None:
+            return int(padding["pad_id"])
+        for name in PAD_NAMES:
+            token_id = tokenizer.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        return None
+
+    @classmethod
+    def from_file(cls, path) -> HFTokenizer:
+        """Load a tokenizer.json written by HF tokenizers / transformers (`save`)."""
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as exc:  # noqa: BLE001  (the Rust side raises plain Exception)
+            raise ValueError(f"{path}: not a Hugging Face tokenizer file: {exc}") from None
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        values = _ids_list(ids)
+        for i, v in enumerate(values):
+            if not 0 <= v < self.vocab_size:
+                raise ValueError(f"ids[{i}] must be in [0, {self.vocab_size}), got {v}")
+        return self._tok.decode(values, skip_special_tokens=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "hf", "json": self._tok.to_str()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HFTokenizer:
+        from tokenizers import Tokenizer
+
+        if not isinstance(data, dict) or data.get("type") not in ("hf", "bpe"):
+            raise ValueError("data must be a tokenizer dict with type 'hf' (or 'bpe')")
+        return cls(Tokenizer.from_str(data["json"]))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HFTokenizer) and json.loads(other._tok.to_str()) == json.loads(
+            self._tok.to_str())
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class BPETokenizer(HFTokenizer):
+    """Byte-level BPE trained on the user's corpus with HF `tokenizers` (lossless round trip).
+
+    `BPETokenizer.train(texts, vocab_size)`; token 0 is <pad>.
+    """
 
     @classmethod
     def train(cls, texts: str | Iterable[str], vocab_size: int = 1000, min_frequency: int = 2
@@ -110,39 +176,14 @@ class BPETokenizer:
         tok.train_from_iterator(list(texts), trainer=trainer)
         return cls(tok)
 
-    def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._tok.encode(text).ids
-
-    def decode(self, ids) -> str:
-        values = _ids_list(ids)
-        for i, v in enumerate(values):
-            if not 0 <= v < self.vocab_size:
-                raise ValueError(f"ids[{i}] must be in [0, {self.vocab_size}), got {v}")
-        return self._tok.decode(values, skip_special_tokens=True)
-
     def to_dict(self) -> dict[str, Any]:
         return {"type": "bpe", "json": self._tok.to_str()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BPETokenizer:
-        from tokenizers import Tokenizer
-
-        if not isinstance(data, dict) or data.get("type") != "bpe":
-            raise ValueError("data must be a BPETokenizer dict with type 'bpe'")
-        return cls(Tokenizer.from_str(data["json"]))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BPETokenizer) and json.loads(other._tok.to_str()) == json.loads(
-            self._tok.to_str())
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 def tokenizer_from_dict(data: dict[str, Any]):
     """Rebuild any pyengine tokenizer from its `to_dict()`."""
-    kinds = {"byte": ByteTokenizer, "char": CharTokenizer, "bpe": BPETokenizer}
+    kinds = {"byte": ByteTokenizer, "char": CharTokenizer, "bpe": BPETokenizer,
+             "hf": HFTokenizer}
     kind = data.get("type") if isinstance(data, dict) else None
     if kind not in kinds:
         raise ValueError(f"unknown tokenizer type {kind!r}; expected one of {sorted(kinds)}")

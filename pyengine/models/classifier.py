@@ -7,10 +7,27 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from pyengine.models.loss_terms import LossTerms, summed_loss
 from pyengine.nn import LSTM
 from pyengine.nn.lstm import lstm_over_embedding
 
 POOLINGS = ("last", "mean", "max")
+
+
+def _tracing() -> bool:
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
+
+
+def _check_lengths(lengths: torch.Tensor, b: int, t: int) -> None:
+    """lengths must be [batch] with values in [1, t]. The values are checked where that costs
+    no device round trip (CPU tensors, outside tracing); the shape always."""
+    if tuple(lengths.shape) != (b,):
+        raise ValueError(f"lengths must have shape [batch] = ({b},), got "
+                         f"{tuple(lengths.shape)}")
+    if lengths.device.type == "cpu" and not _tracing():
+        if b and (int(lengths.min()) < 1 or int(lengths.max()) > t):
+            raise ValueError(f"lengths must be in [1, {t}], got {lengths.tolist()}")
 
 
 class LSTMClassifier(nn.Module):
@@ -50,9 +67,8 @@ class LSTMClassifier(nn.Module):
         b, t = tokens.shape
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.long, device=tokens.device)
-        elif lengths.shape != (b,) or int(lengths.min()) < 1 or int(lengths.max()) > t:
-            raise ValueError(f"lengths must be [batch] with values in [1, {t}], got "
-                             f"{tuple(lengths.shape)} {lengths.tolist()}")
+        else:
+            _check_lengths(lengths, b, t)
         hidden, _ = lstm_over_embedding(self.lstm, self.embedding, self.dropout, tokens)
         lengths = lengths.to(hidden.device)
         if self.pooling == "last":
@@ -65,6 +81,15 @@ class LSTMClassifier(nn.Module):
             else:
                 pooled = hidden.masked_fill(~mask, float("-inf")).amax(1)
         return self.head(self.dropout(pooled))
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], loss_fn=None,
+                     state=None) -> LossTerms:
+        """The Trainer's entry: batch {"input": [B,T], "lengths": [B], "target": [B]} ->
+        LossTerms (the loss summed over the batch, its normaliser, the logits)."""
+        loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        logits = self(batch["input"], batch.get("lengths"))
+        loss, count = summed_loss(loss_fn, logits.float(), batch["target"])
+        return LossTerms(loss, count, None, logits, batch["target"])
 
     def load_language_model(self, lm_state: Mapping[str, torch.Tensor] | nn.Module,
                             strict: bool = True) -> list[str]:

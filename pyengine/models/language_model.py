@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import pyengine.nn as pnn
+from pyengine.models.loss_terms import LossTerms, flatten_logits, summed_loss
 from pyengine.nn import LSTM
 from pyengine.nn.lstm import lstm_over_embedding
 from pyengine.ops import linear_cross_entropy
@@ -18,7 +20,13 @@ class LSTMLanguageModel(nn.Module):
     tie_weights shares the embedding matrix with the output head (needs embed_dim ==
     hidden_size). `forward` returns next-token logits [B,T,V] and the final state; `step`
     advances one token for generation, carrying the state so each new token costs one step.
+    `compute_loss` is what the Trainer calls: through the fused vocabulary head (no logits
+    held) unless `fused_loss=False` (the plain PyTorch recipe: logits, then the loss).
     """
+
+    # Losses whose whole meaning the fused head reproduces (exact types: a subclass may change
+    # forward); their options are read from the standard attributes.
+    FUSABLE_LOSSES = (nn.CrossEntropyLoss, pnn.CrossEntropyLoss, pnn.FocalLoss)
 
     def __init__(
         self,
@@ -29,6 +37,7 @@ class LSTMLanguageModel(nn.Module):
         dropout: float = 0.0,
         tie_weights: bool = False,
         lstm_class: type[nn.Module] = LSTM,
+        fused_loss: bool = True,
     ) -> None:
         super().__init__()
         if tie_weights and embed_dim != hidden_size:
@@ -48,6 +57,7 @@ class LSTMLanguageModel(nn.Module):
         self.head = nn.Linear(hidden_size, vocab_size)
         if tie_weights:
             self.head.weight = self.embedding.weight
+        self.fused_loss = fused_loss
 
     def forward(
         self,
@@ -99,6 +109,46 @@ class LSTMLanguageModel(nn.Module):
                 loss = (loss[0].t(), loss[1]) if return_correct else loss.t()
             return loss, state
         return self.head(self.dropout(hidden)), state
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], loss_fn=None,
+                     state: State | None = None) -> LossTerms:
+        """The Trainer's entry: batch {"input": [B,T], "target": [B,T]} -> LossTerms (the loss
+        summed over the non-ignored targets, their count, the new state).
+
+        The fused head computes the loss straight from the hidden states when `loss_fn` is
+        cross-entropy or focal loss (None means plain cross-entropy) and no autocast is active
+        (it would hand the op low-precision hidden states against a float32 head); in eval
+        mode it also counts the correct predictions. Otherwise: logits, then `loss_fn`.
+        """
+        tokens, targets = batch["input"], batch["target"]
+        loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        options = self._fused_options(loss_fn)
+        if options is None or torch.is_autocast_enabled(tokens.device.type):
+            logits, state = self(tokens, state)
+            output, target = flatten_logits(logits, targets)
+            loss, count = summed_loss(loss_fn, output, target)
+            return LossTerms(loss, count, state, output, target)
+        counting = not self.training
+        out, state = self(tokens, state, targets=targets, reduction="sum",
+                          return_correct=counting, **options)
+        loss, correct = out if counting else (out, None)
+        mask = targets != options["ignore_index"]
+        weight = options["class_weight"]
+        if weight is not None:
+            count = (weight.to(targets.device, torch.float64)[targets.masked_fill(~mask, 0)]
+                     * mask).sum()
+        else:
+            count = mask.sum().to(torch.float64)
+        return LossTerms(loss, count, state, correct=correct)
+
+    def _fused_options(self, loss_fn) -> dict | None:
+        """The fused head's keyword arguments that reproduce `loss_fn`, or None."""
+        if not self.fused_loss or type(loss_fn) not in self.FUSABLE_LOSSES:
+            return None
+        return dict(ignore_index=loss_fn.ignore_index, class_weight=loss_fn.weight,
+                    label_smoothing=float(loss_fn.label_smoothing),
+                    gamma=float(getattr(loss_fn, "gamma", 0.0)),
+                    z_loss=float(getattr(loss_fn, "z_loss", 0.0)))
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:

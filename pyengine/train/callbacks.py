@@ -1,9 +1,14 @@
-"""Callbacks and learning-rate schedules: early stopping, warmup + cosine, reduce-on-plateau."""
+"""Callbacks: hooks into the Trainer's loop, and early stopping.
+
+The Trainer calls the hooks a callback has (subclassing `Callback` gives them all as no-ops):
+on_train_begin, on_step_end (after each optimizer step; `logs` holds numbers only on logging
+steps, so a step never waits for the device), on_evaluate (after each evaluation: every
+`eval_every` steps, or each epoch, and at the end), on_epoch_end and on_train_end.
+"""
 
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -14,6 +19,7 @@ class Callback:
 
     def on_train_begin(self, trainer) -> None: ...
     def on_step_end(self, trainer, logs: dict[str, Any]) -> None: ...
+    def on_evaluate(self, trainer, logs: dict[str, Any]) -> None: ...
     def on_epoch_end(self, trainer, logs: dict[str, Any]) -> None: ...
     def on_train_end(self, trainer) -> None: ...
 
@@ -24,8 +30,9 @@ class Callback:
 
 
 class EarlyStopping(Callback):
-    """Stop when `monitor` (a key of the epoch logs, e.g. "val_loss") has not improved by more
-    than `min_delta` for `patience` epochs; restore_best puts the best weights back at the end.
+    """Stop when `monitor` (a key of the evaluation logs, e.g. "val_loss") has not improved by
+    more than `min_delta` for `patience` evaluations; restore_best puts the best weights back
+    at the end.
     """
 
     def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3,
@@ -51,10 +58,10 @@ class EarlyStopping(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def on_epoch_end(self, trainer, logs: dict[str, Any]) -> None:
+    def on_evaluate(self, trainer, logs: dict[str, Any]) -> None:
         if self.monitor not in logs:
-            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the epoch logs only "
-                           f"have {sorted(logs)}; pass validation data or change monitor")
+            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the evaluation logs "
+                           f"only have {sorted(logs)}; pass validation data or change monitor")
         value = float(logs[self.monitor])
         if self.improved(value):
             self.best, self.best_epoch, self.wait = value, logs.get("epoch"), 0
@@ -78,27 +85,3 @@ class EarlyStopping(Callback):
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.wait, self.best_state = state["wait"], state["best_state"]
         self.stopped_epoch = state["stopped_epoch"]
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                  min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 over `warmup_steps`, then cosine decay to min_lr_ratio * lr at
-    `total_steps` (stepped once per optimizer step)."""
-    if warmup_steps < 0 or total_steps < 1 or warmup_steps > total_steps:
-        raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, got "
-                         f"warmup_steps={warmup_steps}, total_steps={total_steps}")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def reduce_on_plateau(optimizer: torch.optim.Optimizer, mode: str = "min", factor: float = 0.5,
-                      patience: int = 1, **kw) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """torch's ReduceLROnPlateau; the Trainer steps it once per epoch with the monitored value."""
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode=mode, factor=factor, patience=patience, **kw)

@@ -1,10 +1,10 @@
-"""Evaluation metrics: loss, perplexity, accuracy, precision/recall/F1, confusion matrix, BLEU.
+"""Evaluation metrics: loss, perplexity, accuracy, precision/recall/F1, confusion matrix, BLEU,
+and the per-layer gradient norms the Trainer logs.
 
-Definitions follow scikit-learn's: the label set is `range(num_classes)` when given, otherwise
-the sorted union of the labels seen in targets and predictions; a ratio whose denominator is 0
-(a class never predicted has no precision, a class absent from the targets has no recall) takes
-`zero_division` (default 0.0); F1 is 2*TP / (2*TP + FP + FN); "weighted" averages per-class
-values by each class's support (its count in the targets); "micro" pools TP, FP and FN.
+Precision, recall, F1 and the confusion matrix are scikit-learn's. The label set is
+`range(num_classes)` when given, otherwise the sorted union of the labels seen in targets and
+predictions; a ratio whose denominator is 0 (a class never predicted has no precision, a class
+absent from the targets has no recall) takes `zero_division` (default 0.0).
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ def _as_labels(name: str, values) -> torch.Tensor:
         tensor = tensor.long()
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer labels, got dtype {tensor.dtype}")
+    tensor = tensor.reshape(-1) if tensor.dim() == 0 else tensor
     if tensor.dim() != 1:
-        tensor = tensor.reshape(-1) if tensor.dim() == 0 else tensor
-        if tensor.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
     if tensor.numel() and int(tensor.min()) < 0:
         raise ValueError(f"{name} must hold labels >= 0, got {int(tensor.min())}")
     return tensor.long()
 
 
-def _pair(y_true, y_pred, num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def _pair(y_true, y_pred, num_classes: int | None) -> tuple[list[int], list[int], list[int]]:
+    """(y_true, y_pred, labels) as lists; labels = range(num_classes) or those seen."""
     t = _as_labels("y_true", y_true)
     p = _as_labels("y_pred", y_pred)
     if t.numel() != p.numel():
@@ -54,7 +54,7 @@ def _pair(y_true, y_pred, num_classes: int | None) -> tuple[torch.Tensor, torch.
         labels = list(range(num_classes))
     else:
         labels = sorted(set(t.tolist()) | set(p.tolist()))
-    return t, p, labels
+    return t.tolist(), p.tolist(), labels
 
 
 def confusion_matrix(y_true, y_pred, num_classes: int | None = None) -> torch.Tensor:
@@ -62,75 +62,50 @@ def confusion_matrix(y_true, y_pred, num_classes: int | None = None) -> torch.Te
 
     Without num_classes the rows/columns are the sorted labels seen in either input.
     """
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
     t, p, labels = _pair(y_true, y_pred, num_classes)
-    index = {label: i for i, label in enumerate(labels)}
-    c = len(labels)
-    matrix = torch.zeros(c * c, dtype=torch.long)
-    if t.numel():
-        ti = torch.tensor([index[v] for v in t.tolist()], dtype=torch.long)
-        pi = torch.tensor([index[v] for v in p.tolist()], dtype=torch.long)
-        matrix.index_add_(0, ti * c + pi, torch.ones_like(ti))
-    return matrix.reshape(c, c)
+    if not labels:
+        return torch.zeros(0, 0, dtype=torch.long)
+    return torch.from_numpy(sk_confusion(t, p, labels=labels)).long()
 
 
 def accuracy(y_true, y_pred) -> float:
     """Fraction of predictions equal to the target (0.0 for empty inputs)."""
     t, p, _ = _pair(y_true, y_pred, None)
-    return float((t == p).sum()) / t.numel() if t.numel() else 0.0
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor, zero_division: float) -> torch.Tensor:
-    num, den = num.double(), den.double()
-    out = torch.full_like(num, float(zero_division))
-    ok = den > 0
-    out[ok] = num[ok] / den[ok]
-    return out
+    return sum(a == b for a, b in zip(t, p)) / len(t) if t else 0.0
 
 
 def precision_recall_f1(
     y_true, y_pred, average: str | None = "macro", num_classes: int | None = None,
     zero_division: float = 0.0,
 ) -> dict[str, Any]:
-    """Precision, recall, F1 and support.
+    """Precision, recall, F1 and support (scikit-learn's precision_recall_fscore_support).
 
     average: "macro" | "micro" | "weighted" -> floats; None -> per-class lists (in label
     order, with the labels under "labels"). support is the number of true examples (per class
     for average=None, the total otherwise).
     """
+    from sklearn.metrics import precision_recall_fscore_support
+
     if average not in AVERAGES:
         raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
     t, p, labels = _pair(y_true, y_pred, num_classes)
-    cm = confusion_matrix(t, p, num_classes) if labels else torch.zeros(0, 0, dtype=torch.long)
     if not labels:
         return {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} if average else {
             "precision": [], "recall": [], "f1": [], "support": [], "labels": []}
-    tp = cm.diag()
-    fp = cm.sum(0) - tp
-    fn = cm.sum(1) - tp
-    support = cm.sum(1)
-    if average == "micro":
-        tps, fps, fns = tp.sum(), fp.sum(), fn.sum()
-        prec = _ratio(tps, tps + fps, zero_division)
-        rec = _ratio(tps, tps + fns, zero_division)
-        f1 = _ratio(2 * tps, 2 * tps + fps + fns, zero_division)
-        return {"precision": float(prec), "recall": float(rec), "f1": float(f1),
-                "support": int(support.sum())}
-    prec = _ratio(tp, tp + fp, zero_division)
-    rec = _ratio(tp, tp + fn, zero_division)
-    f1 = _ratio(2 * tp, 2 * tp + fp + fn, zero_division)
+    prec, rec, f1, support = precision_recall_fscore_support(
+        t, p, labels=labels, average=None, zero_division=zero_division)
     if average is None:
         return {"precision": prec.tolist(), "recall": rec.tolist(), "f1": f1.tolist(),
-                "support": support.tolist(), "labels": labels}
-    if average == "macro":
-        weights = torch.full((len(labels),), 1.0 / len(labels), dtype=torch.float64)
-    else:  # weighted
-        total = support.sum()
-        if int(total) == 0:
-            return {"precision": float(zero_division), "recall": float(zero_division),
-                    "f1": float(zero_division), "support": 0}
-        weights = support.double() / total.double()
-    return {"precision": float((prec * weights).sum()), "recall": float((rec * weights).sum()),
-            "f1": float((f1 * weights).sum()), "support": int(support.sum())}
+                "support": [int(s) for s in support], "labels": labels}
+    total = int(support.sum())
+    if average == "weighted" and total == 0:
+        return {"precision": float(zero_division), "recall": float(zero_division),
+                "f1": float(zero_division), "support": 0}
+    prec, rec, f1, _ = precision_recall_fscore_support(
+        t, p, labels=labels, average=average, zero_division=zero_division)
+    return {"precision": float(prec), "recall": float(rec), "f1": float(f1), "support": total}
 
 
 def precision(y_true, y_pred, average: str | None = "macro", **kw):
@@ -252,3 +227,31 @@ def format_worst_examples(entries: list[dict[str, Any]], width: int = 80) -> str
             tp = f" target={e['target']} pred={e.get('prediction')}"
         lines.append(f"#{e['index']} loss={e['loss']:.4f}{tp}: {text}")
     return "\n".join(lines)
+
+
+def _layer_of(name: str) -> str:
+    """'grad_norm/lstm.weight_ih_l1' -> 'grad_norm_layer/lstm.l1'; 'x.head.bias' -> 'x.head'."""
+    module, _, leaf = name.removeprefix("grad_norm/").rpartition(".")
+    if "_l" in leaf and leaf.rsplit("_l", 1)[-1].split("_")[0].isdigit():
+        layer = leaf.rsplit("_l", 1)[-1]
+        module = f"{module}.l{layer}" if module else f"l{layer}"
+    return f"grad_norm_layer/{module or leaf}"
+
+
+def grad_norm_logs(model: torch.nn.Module) -> dict[str, float]:
+    """Each parameter's gradient norm ("grad_norm/<name>") and each layer's
+    ("grad_norm_layer/<module>[.l<k>]", the root of its parameters' squared norms), measured
+    in one multi-tensor pass (pyengine.grad_norms)."""
+    from pyengine.nn.utils import grad_norms
+
+    named = [(f"grad_norm/{n}", p) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return {}
+    values = grad_norms([p for _, p in named]).tolist()
+    norms = {name: value for (name, _), value in zip(named, values)}
+    squares: dict[str, float] = {}
+    for name, value in norms.items():
+        key = _layer_of(name)
+        squares[key] = squares.get(key, 0.0) + value * value
+    norms.update({k: math.sqrt(v) for k, v in squares.items()})
+    return norms

@@ -1,11 +1,8 @@
-"""Recipes behind `pyengine train|finetune|evaluate`: a plain config dict in, files and a
-result dict out. Config keys are the CLI option names with underscores; a YAML or TOML file
-gives them too (flags win over the file)."""
+"""Recipes behind `pyengine train|finetune|evaluate`: options in (see `pyengine.train.config`,
+validated before any work), files and a result dict out."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,122 +10,40 @@ import torch
 
 from pyengine.train import metrics as M
 from pyengine.train.callbacks import EarlyStopping
-from pyengine.train.checkpoint import atomic_write
+from pyengine.train.checkpoint import load_model, write_json
+from pyengine.train.config import ConfigError, load_config_file, resolve, validate
+from pyengine.train.device import resolve_device
 from pyengine.train.losses import make_loss
-from pyengine.train.trainer import Trainer, load_model
+from pyengine.train.rundir import claim_output_dir
+from pyengine.train.trainer import Trainer
 
-COMMON = dict(
-    data=None, output_dir=None, seed=0, epochs=1, max_steps=None, lr=3e-3, weight_decay=0.0,
-    grad_clip=1.0, l1=0.0, accumulation_steps=1, scheduler=None, warmup_steps=0,
-    batch_size=16, seq_len=64, progress=False, checkpoint_every=None, resume=False,
-    mixed_precision=False, clean=False, lower=False, dedupe=False, val_fraction=0.1,
-    max_chars=None, patience=None, min_delta=0.0, tensorboard=True, threads=None,
-    on_error="raise",
-)
-TRAIN = dict(COMMON, tokenizer="byte", vocab_size=1000, embed=64, hidden=128, layers=1,
-             dropout=0.0, tie_weights=False)
-FINETUNE = dict(COMMON, task="classify", from_checkpoint=None, loss="cross_entropy", gamma=2.0,
-                label_smoothing=0.0, class_weights=False, resample=None, freeze_embedding=False,
-                freeze_layers=0, pooling="mean", augment_drop=0.0, augment_swap=0.0,
-                text_field="text", label_field="label", labels=None, test_fraction=0.1,
-                max_len=256, max_examples=2000, dropout=None)
-EVALUATE = dict(model=None, data=None, labels=None, batch_size=32, seq_len=64, worst=5,
-                output=None, on_error="raise", text_field="text", label_field="label",
-                max_len=256, max_chars=None, max_examples=2000, seed=0, clean=False,
-                lower=False, dedupe=False, val_fraction=None, bleu=0)
+__all__ = ["continuation_bleu", "evaluate", "finetune", "format_result", "load_config_file",
+           "resolve", "train_lm"]
+
 BLEU_PROMPT_TOKENS, BLEU_CONTINUATION_TOKENS = 64, 32
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) mapping of option names to values."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    elif suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    else:
-        raise ValueError(f"config file must end in .yaml, .yml or .toml, got {str(path)!r}")
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping, got "
-                         f"{type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def resolve(defaults: dict[str, Any], file_cfg: dict[str, Any] | None, flags: dict[str, Any]
-            ) -> dict[str, Any]:
-    """defaults < config file < flags given (None = not given). Unknown keys are an error."""
-    cfg = dict(defaults)
-    for source in (file_cfg or {}), {k: v for k, v in flags.items() if v is not None}:
-        unknown = sorted(set(source) - set(defaults))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; known: {sorted(defaults)}")
-        cfg.update(source)
-    return cfg
-
-
-def _out(cfg) -> Path:
+def _check_run(cfg: dict[str, Any]) -> None:
+    """What would fail only after training, refused before it."""
     if not cfg.get("output_dir"):
-        raise ValueError("output_dir is required (--output-dir)")
-    path = Path(cfg["output_dir"])
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        raise ConfigError("--output-dir is required")
+    wants_validation = cfg["patience"] is not None or cfg["scheduler"] == "plateau"
+    if wants_validation and not cfg["val_fraction"]:
+        what = "--patience" if cfg["patience"] is not None else "--scheduler plateau"
+        raise ConfigError(f"{what} needs validation data: give --val-fraction > 0")
+    if cfg["eval_every"] is not None and not cfg["val_fraction"]:
+        raise ConfigError("--eval-every needs validation data: give --val-fraction > 0")
 
 
-def _write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-    atomic_write(path, lambda f: f.write(text.encode()))
+def _setup(cfg: dict[str, Any]) -> torch.device:
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    return resolve_device(cfg["device"])
 
 
-EMBEDDED_SOURCES = {"default": "embedded default (pydoc_data help topics)",
-                    "stdlib": "embedded stdlib (standard-library Python source)"}
-
-
-def _read_text(cfg) -> tuple[str, str]:
-    """The text named by cfg["data"]: a file, or an embedded corpus ("default" when not given,
-    or "stdlib"), cut to max_chars and cleaned as asked."""
-    from pyengine.data import clean_text, embedded_corpus
-
-    name = cfg.get("data") or "default"
-    if name in EMBEDDED_SOURCES:
-        max_chars = int(cfg["max_chars"]) if cfg.get("max_chars") else None
-        text, source = embedded_corpus(name, max_chars), EMBEDDED_SOURCES[name]
-    else:
-        path = Path(cfg["data"])
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-        good, problems = [], []
-        for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-            try:
-                good.append(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                problems.append(f"{path}:{number}: invalid UTF-8 at byte {exc.start}")
-        if problems and cfg.get("on_error", "raise") != "skip":
-            from pyengine.data import DataFileError
-
-            raise DataFileError(path, problems)
-        for problem in problems:
-            print(f"skipped {problem}")
-        text, source = "\n".join(good), str(path)
-    if cfg.get("max_chars"):
-        text = text[: int(cfg["max_chars"])]
-    if cfg.get("clean") or cfg.get("lower") or cfg.get("dedupe"):
-        text = clean_text(text, dedupe=bool(cfg.get("dedupe")), lower=bool(cfg.get("lower")))
-    return text, source
-
-
-def _held_out(ids: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(training ids, validation ids: the last val_fraction of the stream, or None)."""
-    n_val = int(len(ids) * float(cfg.get("val_fraction") or 0))
+def _held_out(ids: torch.Tensor, fraction: float | None):
+    """(training ids, validation ids: the last `fraction` of the stream, or None)."""
+    n_val = int(len(ids) * float(fraction or 0))
     return (ids[: len(ids) - n_val], ids[len(ids) - n_val :]) if n_val else (ids, None)
 
 
@@ -136,80 +51,84 @@ def _val_batch_size(cfg) -> int:
     return max(1, int(cfg["batch_size"]) // 4)
 
 
+def _read_text(cfg):
+    from pyengine.data.sources import read_text
+
+    return read_text(cfg.get("data"), max_chars=cfg.get("max_chars"), on_error=cfg["on_error"],
+                     text_field=cfg["text_field"], clean=cfg["clean"], lower=cfg["lower"],
+                     dedupe=cfg["dedupe"])
+
+
 def _lm_splits(text: str, tokenizer, cfg):
     from pyengine.data import LanguageModelDataset
 
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    train_ids, val_ids = _held_out(ids, cfg)
+    train_ids, val_ids = _held_out(ids, cfg["val_fraction"])
     train = LanguageModelDataset(train_ids, cfg["batch_size"], cfg["seq_len"])
     val = None
     if val_ids is not None and len(val_ids) >= 2 * _val_batch_size(cfg):
         val = LanguageModelDataset(val_ids, _val_batch_size(cfg), cfg["seq_len"])
+    if val is None and (cfg["patience"] is not None or cfg["scheduler"] == "plateau"):
+        raise ConfigError(f"--val-fraction {cfg['val_fraction']} leaves too little text to "
+                          "validate on, which --patience / --scheduler plateau need")
     return train, val
 
 
 def _trainer(model, cfg, tokenizer, out, loss_fn=None, monitor="val_loss", mode="min"):
     es = None
     if cfg.get("patience") is not None:
-        es = EarlyStopping(monitor, mode=mode, patience=int(cfg["patience"]),
-                           min_delta=float(cfg["min_delta"]))
+        es = EarlyStopping(monitor, mode=mode, patience=cfg["patience"],
+                           min_delta=cfg["min_delta"])
+    loggers = [name for name in cfg["logger"] if name != "tensorboard" or cfg["tensorboard"]]
     return Trainer(
-        model, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
-        scheduler=cfg["scheduler"], warmup_steps=int(cfg["warmup_steps"]), loss_fn=loss_fn,
-        epochs=int(cfg["epochs"]), max_steps=cfg["max_steps"], grad_clip=cfg["grad_clip"],
-        l1=float(cfg["l1"]), accumulation_steps=int(cfg["accumulation_steps"]),
-        mixed_precision=bool(cfg["mixed_precision"]), early_stopping=es, monitor=monitor,
-        output_dir=out, checkpoint_every=cfg["checkpoint_every"], progress=bool(cfg["progress"]),
-        tensorboard=bool(cfg["tensorboard"]), seed=int(cfg["seed"]), tokenizer=tokenizer,
-        config={k: v for k, v in cfg.items()})
+        model, lr=cfg["lr"], weight_decay=cfg["weight_decay"], scheduler=cfg["scheduler"],
+        warmup_steps=cfg["warmup_steps"], loss_fn=loss_fn, epochs=cfg["epochs"],
+        max_steps=cfg["max_steps"], eval_every=cfg["eval_every"], grad_clip=cfg["grad_clip"],
+        l1=cfg["l1"], accumulation_steps=cfg["accumulation_steps"], precision=cfg["precision"],
+        device=cfg["device"], early_stopping=es, monitor=monitor, output_dir=out,
+        checkpoint_every=cfg["checkpoint_every"], progress=cfg["progress"], loggers=loggers,
+        seed=cfg["seed"], tokenizer=tokenizer, config=dict(cfg))
 
 
-def train_lm(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train an LSTM language model on a text file or the embedded default."""
-    from pyengine.data import BPETokenizer, ByteTokenizer, CharTokenizer
-    from pyengine.models import LSTMLanguageModel
+def _tokenizer(cfg, text: str):
+    from pyengine.data import BPETokenizer, ByteTokenizer, CharTokenizer, HFTokenizer
 
-    out = _out(cfg)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    text, source = _read_text(cfg)
     kind = cfg["tokenizer"]
     if kind == "byte":
-        tok = ByteTokenizer()
-    elif kind == "char":
-        tok = CharTokenizer.train(text)
-    elif kind == "bpe":
-        tok = BPETokenizer.train(text, vocab_size=int(cfg["vocab_size"]))
-    else:
-        raise ValueError(f"tokenizer must be byte, char or bpe, got {kind!r}")
-    train, val = _lm_splits(text, tok, cfg)
-    torch.manual_seed(int(cfg["seed"]))
-    model = LSTMLanguageModel(tok.vocab_size, int(cfg["embed"]), int(cfg["hidden"]),
-                              int(cfg["layers"]), float(cfg["dropout"]), bool(cfg["tie_weights"]))
-    trainer = _trainer(model, cfg, tok, out)
-    trainer.fit(train, val, resume=bool(cfg["resume"]))
-    result = {"source": source, "steps": trainer.global_step,
-              "train": trainer.evaluate(train)}
-    if val is not None:
-        result["validation"] = trainer.evaluate(val)
-    _write_json(out / "result.json", result)
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer.train(text)
+    if kind == "bpe":
+        return BPETokenizer.train(text, vocab_size=cfg["vocab_size"])
+    if Path(kind).is_file():
+        return HFTokenizer.from_file(kind)
+    raise ConfigError(f"--tokenizer must be byte, char, bpe or a tokenizer.json file, got "
+                      f"{kind!r} (no such file)")
+
+
+def train_lm(options: dict[str, Any]) -> dict[str, Any]:
+    """Train an LSTM language model on a text file, a dataset or the embedded default."""
+    from pyengine.models import LSTMLanguageModel
+
+    cfg = validate("train", options)
+    _check_run(cfg)
+    _setup(cfg)
+    with claim_output_dir(cfg["output_dir"], resume=cfg["resume"], overwrite=cfg["overwrite"],
+                          flags=True) as out:
+        text, source = _read_text(cfg)
+        tok = _tokenizer(cfg, text)
+        train, val = _lm_splits(text, tok, cfg)
+        torch.manual_seed(cfg["seed"])
+        model = LSTMLanguageModel(tok.vocab_size, cfg["embed"], cfg["hidden"], cfg["layers"],
+                                  cfg["dropout"], cfg["tie_weights"])
+        trainer = _trainer(model, cfg, tok, out)
+        trainer.fit(train, val, resume=cfg["resume"])
+        result = {"source": source, "steps": trainer.global_step,
+                  "train": trainer.evaluate(train)}
+        if val is not None:
+            result["validation"] = trainer.evaluate(val)
+        write_json(out / "result.json", result)
     return result
-
-
-def _labelled(cfg):
-    from pyengine.data import default_classification_task, load_labelled
-
-    if cfg.get("data") in (None, "", "default"):
-        return default_classification_task(int(cfg["max_examples"]), seed=int(cfg["seed"])), (
-            "embedded default task (stdlib code / docstring / help prose)")
-    labels = cfg.get("labels")
-    if isinstance(labels, str):
-        labels = [s.strip() for s in labels.split(",") if s.strip()]
-    data = load_labelled(cfg["data"], cfg["text_field"], cfg["label_field"], labels,
-                         cfg["on_error"])
-    for problem in data.problems:
-        print(f"skipped {problem}")
-    return data, str(cfg["data"])
 
 
 def _clean_texts(texts, cfg):
@@ -220,52 +139,83 @@ def _clean_texts(texts, cfg):
     return list(texts)
 
 
-def finetune(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Start from an LM checkpoint: fine-tune it on a domain corpus (task="lm") or train an
-    LSTMClassifier from it on a labelled task (task="classify")."""
-    from pyengine.data import ClassificationDataset, class_weights, resample, train_val_test_split
-    from pyengine.models import LSTMClassifier, LSTMLanguageModel
+def _pad_id(tok) -> int:
+    """The tokenizer's pad id, or 0 when it has none (padded positions are masked anyway)."""
+    pad = getattr(tok, "pad_id", None)
+    return pad if pad is not None else 0
+
+
+def _load_language_model(cfg, device):
+    from pyengine.models import LSTMLanguageModel
 
     if not cfg.get("from_checkpoint"):
-        raise ValueError("finetune needs --from CKPT (a language-model checkpoint)")
-    out = _out(cfg)
-    lm, tok, _ = load_model(cfg["from_checkpoint"])
+        raise ConfigError("--from CKPT (a language-model checkpoint) is required")
+    lm, tok, _ = load_model(cfg["from_checkpoint"], map_location=device)
     if not isinstance(lm, LSTMLanguageModel):
-        raise ValueError(f"--from must be a language-model checkpoint, got a "
-                         f"{type(lm).__name__}")
+        raise ConfigError(f"--from must be a language-model checkpoint, got a "
+                          f"{type(lm).__name__}")
     if tok is None:
-        raise ValueError(f"checkpoint {cfg['from_checkpoint']!r} carries no tokenizer")
-    if cfg["task"] == "lm":
-        text, source = _read_text(cfg)
-        train, val = _lm_splits(text, tok, cfg)
-        if cfg["freeze_embedding"]:
-            lm.embedding.weight.requires_grad_(False)
-        for name, p in lm.lstm.named_parameters():  # the freeze_layers lowest LSTM layers
-            if int(name.rsplit("_l", 1)[-1].split("_")[0]) < int(cfg["freeze_layers"]):
-                p.requires_grad_(False)
-        trainer = _trainer(lm, cfg, tok, out)
-        result = {"source": source}
-        if val is not None:
-            result["validation_before"] = trainer.evaluate(val)
-        trainer.fit(train, val, resume=bool(cfg["resume"]))
-        result["steps"] = trainer.global_step
-        if val is not None:
-            result["validation"] = trainer.evaluate(val)
-        _write_json(out / "result.json", result)
-        return result
-    if cfg["task"] != "classify":
-        raise ValueError(f"task must be 'classify' or 'lm', got {cfg['task']!r}")
-    data, source = _labelled(cfg)
+        raise ConfigError(f"checkpoint {cfg['from_checkpoint']!r} carries no tokenizer")
+    return lm, tok
+
+
+def finetune(options: dict[str, Any]) -> dict[str, Any]:
+    """Start from an LM checkpoint: fine-tune it on a domain corpus (task="lm") or train an
+    LSTMClassifier from it on a labelled task (task="classify")."""
+    cfg = validate("finetune", options)
+    if not cfg.get("from_checkpoint"):
+        raise ConfigError("--from CKPT (a language-model checkpoint) is required")
+    _check_run(cfg)
+    device = _setup(cfg)
+    lm, tok = _load_language_model(cfg, device)
+    with claim_output_dir(cfg["output_dir"], resume=cfg["resume"], overwrite=cfg["overwrite"],
+                          flags=True) as out:
+        if cfg["task"] == "lm":
+            result = _finetune_lm(cfg, lm, tok, out)
+        else:
+            result = _finetune_classifier(cfg, lm, tok, out)
+        write_json(out / "result.json", result)
+    return result
+
+
+def _finetune_lm(cfg, lm, tok, out) -> dict[str, Any]:
+    text, source = _read_text(cfg)
+    train, val = _lm_splits(text, tok, cfg)
+    if cfg["freeze_embedding"]:
+        lm.embedding.weight.requires_grad_(False)
+    for name, p in lm.lstm.named_parameters():  # the freeze_layers lowest LSTM layers
+        if int(name.rsplit("_l", 1)[-1].split("_")[0]) < cfg["freeze_layers"]:
+            p.requires_grad_(False)
+    trainer = _trainer(lm, cfg, tok, out)
+    result: dict[str, Any] = {"source": source}
+    if val is not None:
+        result["validation_before"] = trainer.evaluate(val)
+    trainer.fit(train, val, resume=cfg["resume"])
+    result["steps"] = trainer.global_step
+    if val is not None:
+        result["validation"] = trainer.evaluate(val)
+    return result
+
+
+def _finetune_classifier(cfg, lm, tok, out) -> dict[str, Any]:
+    from pyengine.data import ClassificationDataset, class_weights, resample, train_val_test_split
+    from pyengine.data.sources import read_labelled
+    from pyengine.models import LSTMClassifier
+
+    data, source = read_labelled(cfg.get("data"), text_field=cfg["text_field"],
+                                 label_field=cfg["label_field"], labels=cfg["labels"],
+                                 on_error=cfg["on_error"], max_examples=cfg["max_examples"],
+                                 seed=cfg["seed"])
     texts = _clean_texts(data.texts, cfg)
-    seed = int(cfg["seed"])
-    tr, va, te = train_val_test_split(len(texts), float(cfg["val_fraction"]),
-                                      float(cfg["test_fraction"]), seed, stratify=data.labels)
+    seed = cfg["seed"]
+    tr, va, te = train_val_test_split(len(texts), cfg["val_fraction"], cfg["test_fraction"],
+                                      seed, stratify=data.labels)
     augment = None
     if cfg["augment_drop"] or cfg["augment_swap"]:
-        augment = (float(cfg["augment_drop"]), float(cfg["augment_swap"]))
+        augment = (cfg["augment_drop"], cfg["augment_swap"])
     full = ClassificationDataset.from_texts(
-        texts, data.labels, tok, label_names=data.label_names, batch_size=int(cfg["batch_size"]),
-        seed=seed, max_len=int(cfg["max_len"]), pad_id=getattr(tok, "pad_id", 0))
+        texts, data.labels, tok, label_names=data.label_names, batch_size=cfg["batch_size"],
+        seed=seed, max_len=cfg["max_len"], pad_id=_pad_id(tok))
     train = full.subset(tr)
     if cfg["resample"]:
         train = train.subset(resample(train.labels, cfg["resample"], seed))
@@ -273,21 +223,20 @@ def finetune(cfg: dict[str, Any]) -> dict[str, Any]:
     val = full.subset(va) if va else None
     test = full.subset(te) if te else None
     weight = class_weights(train.class_counts()) if cfg["class_weights"] else None
-    loss_fn = make_loss(cfg["loss"], weight=weight, label_smoothing=float(cfg["label_smoothing"]),
-                        gamma=float(cfg["gamma"]))
+    loss_fn = make_loss(cfg["loss"], weight=weight, label_smoothing=cfg["label_smoothing"],
+                        gamma=cfg["gamma"])
     clf = LSTMClassifier.from_language_model(
         lm, len(data.label_names), pooling=cfg["pooling"], dropout=cfg["dropout"],
-        freeze_embedding=bool(cfg["freeze_embedding"]), freeze_layers=int(cfg["freeze_layers"]))
+        freeze_embedding=cfg["freeze_embedding"], freeze_layers=cfg["freeze_layers"])
     trainer = _trainer(clf, dict(cfg, label_names=data.label_names), tok, out, loss_fn,
                        monitor="val_f1_macro", mode="max")
-    trainer.fit(train, val, resume=bool(cfg["resume"]))
+    trainer.fit(train, val, resume=cfg["resume"])
     result: dict[str, Any] = {"source": source, "steps": trainer.global_step,
                               "class_counts": data.counts(), "labels": data.label_names,
                               "skipped_lines": data.problems}
     if test is not None:
         result["test"] = trainer.evaluate(test)
         result["worst_test_examples"] = trainer.error_analysis(test, 5)
-    _write_json(out / "result.json", result)
     return result
 
 
@@ -310,54 +259,82 @@ def continuation_bleu(model, tokenizer, ids: torch.Tensor, prompts: int,
     return M.bleu(guesses, truths)
 
 
-def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
+def _result_path(cfg) -> Path | None:
+    """Where evaluate writes its JSON, checked to be writable before any work."""
+    import os
+
+    target = cfg.get("output") or (Path(cfg["output_dir"]) / "result.json"
+                                   if cfg.get("output_dir") else None)
+    if target is None:
+        return None
+    target = Path(target)
+    if target.is_dir():
+        raise ConfigError(f"--output {str(target)!r} is a folder; give a file name")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise ConfigError(f"--output {str(target)!r}: {str(target.parent)!r} is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(target.parent, os.W_OK):
+        raise ConfigError(f"--output {str(target)!r}: {str(target.parent)!r} is not writable")
+    return target
+
+
+def evaluate(options: dict[str, Any]) -> dict[str, Any]:
     """Evaluate a saved model (LM: loss/perplexity/token accuracy, BLEU of greedy
     continuations with bleu=N prompts; classifier: full report + worst examples) on a data
     file or an embedded corpus. val_fraction (LM): only the last part of the text, the very
     validation split `train`/`finetune --task lm` hold out with the same val_fraction and
     batch_size."""
     from pyengine.data import ClassificationDataset, LanguageModelDataset
+    from pyengine.data.sources import read_labelled
     from pyengine.models import LSTMClassifier
 
+    cfg = validate("evaluate", options)
     if not cfg.get("model"):
-        raise ValueError("evaluate needs --model CKPT")
-    model, tok, payload = load_model(cfg["model"])
+        raise ConfigError("--model CKPT is required")
+    output = _result_path(cfg)
+    device = _setup(cfg)
+    model, tok, payload = load_model(cfg["model"], map_location=device)
     if tok is None:
-        raise ValueError(f"checkpoint {cfg['model']!r} carries no tokenizer")
+        raise ConfigError(f"checkpoint {cfg['model']!r} carries no tokenizer")
     saved = (payload.get("config") or {}).get("label_names")
     if cfg.get("labels") is None and saved and cfg.get("data") not in (None, "", "default"):
         cfg = dict(cfg, labels=list(saved))  # the model's classes, in its order
-    trainer = Trainer(model, log_grad_norms=False, tensorboard=False, jsonl=False)
+    trainer = Trainer(model, log_grad_norms=False, loggers=[], progress=False,
+                      device=cfg["device"], precision=cfg["precision"])
     if isinstance(model, LSTMClassifier):
-        data, source = _labelled(cfg)
+        data, source = read_labelled(cfg.get("data"), text_field=cfg["text_field"],
+                                     label_field=cfg["label_field"], labels=cfg["labels"],
+                                     on_error=cfg["on_error"], max_examples=cfg["max_examples"],
+                                     seed=cfg["seed"])
         texts = _clean_texts(data.texts, cfg)
         ds = ClassificationDataset.from_texts(
             texts, data.labels, tok, label_names=data.label_names,
-            batch_size=int(cfg["batch_size"]), shuffle=False, max_len=int(cfg["max_len"]),
-            pad_id=getattr(tok, "pad_id", 0))
+            batch_size=cfg["batch_size"], shuffle=False, max_len=cfg["max_len"],
+            pad_id=_pad_id(tok))
         if model.config["num_classes"] != ds.num_classes:
-            raise ValueError(f"the model has {model.config['num_classes']} classes, the data "
-                             f"{ds.num_classes} ({ds.label_names})")
+            raise ConfigError(f"the model has {model.config['num_classes']} classes, the data "
+                              f"{ds.num_classes} ({ds.label_names}); give --labels in the "
+                              "model's order")
         result = {"source": source, **trainer.evaluate(ds)}
-        result["worst_examples"] = trainer.error_analysis(ds, int(cfg["worst"]))
+        result["worst_examples"] = trainer.error_analysis(ds, cfg["worst"])
     else:
         text, source = _read_text(cfg)
         ids = torch.tensor(tok.encode(text), dtype=torch.long)
-        batch_size = int(cfg["batch_size"])
+        batch_size = cfg["batch_size"]
         if cfg.get("val_fraction"):
-            _, ids = _held_out(ids, cfg)
+            _, ids = _held_out(ids, cfg["val_fraction"])
             batch_size = _val_batch_size(cfg)
             if ids is None or len(ids) < 2 * batch_size:
-                raise ValueError(f"val_fraction={cfg['val_fraction']} leaves too few tokens "
-                                 "to evaluate")
-            source += f", last {float(cfg['val_fraction']):g} (validation split)"
-        ds = LanguageModelDataset(ids, batch_size, int(cfg["seq_len"]))
+                raise ConfigError(f"--val-fraction {cfg['val_fraction']} leaves too few "
+                                  "tokens to evaluate")
+            source += f", last {cfg['val_fraction']:g} (validation split)"
+        ds = LanguageModelDataset(ids, batch_size, cfg["seq_len"])
         result = {"source": source, **trainer.evaluate(ds)}
         if cfg.get("bleu"):
-            result["bleu"] = continuation_bleu(model, tok, ids, int(cfg["bleu"]))
-            result["bleu_prompts"] = int(cfg["bleu"])
-    if cfg.get("output"):
-        _write_json(Path(cfg["output"]), result)
+            result["bleu"] = continuation_bleu(model, tok, ids, cfg["bleu"])
+            result["bleu_prompts"] = cfg["bleu"]
+    if output is not None:
+        write_json(output, result)
     return result
 
 

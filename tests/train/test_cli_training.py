@@ -27,7 +27,7 @@ def test_train_finetune_evaluate_cli(tmp_path, capsys):
             "--max-steps", "3", "--batch-size", "8", "--freeze-embedding"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "d.jsonl:31: unknown label 'zzz'" in err and "on_error='skip'" in err
+    assert "d.jsonl:31: unknown label 'zzz'" in err and "pass --on-error skip" in err
     assert main(args + ["--on-error", "skip"]) == 0
     out = capsys.readouterr().out
     assert "skipped" in out and "d.jsonl:31" in out
@@ -106,7 +106,7 @@ def test_finetune_lm_reports_before_after_and_evaluate_reproduces_it(tmp_path, c
     assert f"perplexity {before['perplexity']:.2f}" in capsys.readouterr().out
     assert main(["evaluate", "--model", str(lm / "model.pt"), "--data", "stdlib",
                  "--max-chars", "30", "--val-fraction", "0.1", "--batch-size", "8"]) == 2
-    assert "val_fraction=0.1 leaves too few tokens" in capsys.readouterr().err
+    assert "--val-fraction 0.1 leaves too few tokens" in capsys.readouterr().err
 
 
 def test_continuation_bleu_scores_continuations_against_the_real_text(monkeypatch):

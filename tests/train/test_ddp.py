@@ -61,16 +61,17 @@ def _evals(out_dir):
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, checkout_env):
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
     single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=checkout_env)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "rank 0 of 1 step 4" in single.stdout
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+         str(script), str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+        env=checkout_env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "rank 1 of 2 step 4" in ddp.stdout and "rank 0 of 2 step 4" in ddp.stdout
     one = torch.load(tmp_path / "one" / "final.pt", weights_only=True)

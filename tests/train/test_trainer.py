@@ -90,7 +90,7 @@ def test_exact_resume_after_kill_mid_epoch(tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_exact_resume_after_sigkill(tmp_path):
+def test_exact_resume_after_sigkill(tmp_path, checkout_env):
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {str(tmp_path)!r})
@@ -116,16 +116,17 @@ def test_exact_resume_after_sigkill(tmp_path):
     """)
     path = tmp_path / "run_train.py"
     path.write_text(script)
-    killed = subprocess.run([sys.executable, str(path), "kill"], capture_output=True)
+    killed = subprocess.run([sys.executable, str(path), "kill"], capture_output=True,
+                            env=checkout_env)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     assert load_checkpoint(tmp_path / "run" / "last.pt")["global_step"] == 4
-    resumed = subprocess.run([sys.executable, str(path)], capture_output=True)
+    resumed = subprocess.run([sys.executable, str(path)], capture_output=True, env=checkout_env)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     resumed_state = torch.load(tmp_path / "final_1.pt", weights_only=True)
     # the same run without a kill
     import shutil
     shutil.rmtree(tmp_path / "run")
-    clean = subprocess.run([sys.executable, str(path)], capture_output=True)
+    clean = subprocess.run([sys.executable, str(path)], capture_output=True, env=checkout_env)
     assert clean.returncode == 0
     clean_state = torch.load(tmp_path / "final_1.pt", weights_only=True)
     for k in clean_state:
@@ -167,7 +168,7 @@ def _grads_after(trainer_kw, batches_fn):
     t = Trainer(model, optimizer=opt, log_grad_norms=False, **trainer_kw)
     t.model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    t._train_step(batches_fn(), stateful=False)
+    t.train_step(*batches_fn())
     return {k: before[k] - v for k, v in model.state_dict().items()}  # = lr * grad
 
 
@@ -205,7 +206,7 @@ def test_lm_accumulation_normalises_by_real_target_tokens():
         t = Trainer(model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                     accumulation_steps=accumulation, log_grad_norms=False)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        t._train_step(batches, stateful=False)
+        t.train_step(*batches)
         return {k: before[k] - v for k, v in model.state_dict().items()}
 
     big = grads([{"input": x, "target": y}], 1)
@@ -214,14 +215,7 @@ def test_lm_accumulation_normalises_by_real_target_tokens():
         torch.testing.assert_close(micro[k], big[k], rtol=1e-5, atol=1e-7)
 
 
-class _OwnForwardLM(LSTMLanguageModel):
-    """A model whose forward(targets=) the Trainer only knows by its signature (mean loss)."""
-
-    def forward(self, tokens, state=None, targets=None, ignore_index=-100):
-        return super().forward(tokens, state, targets, ignore_index)
-
-
-def _lm_step(loss_fn=None, fused=True, accumulation=2, model_class=LSTMLanguageModel):
+def _lm_step(loss_fn=None, fused=True, accumulation=2):
     """One Trainer LM step (two micro-batches with ignored targets): (loss, grads, head calls)."""
     torch.manual_seed(0)
     x = torch.randint(0, 256, (4, 7))
@@ -229,27 +223,23 @@ def _lm_step(loss_fn=None, fused=True, accumulation=2, model_class=LSTMLanguageM
     y[0, 3:] = -100
     y[3, 6:] = -100
     torch.manual_seed(0)
-    model = model_class(256, 8, 12, 2)
+    model = LSTMLanguageModel(256, 8, 12, 2, fused_loss=fused)
     calls = []
     model.head.register_forward_hook(lambda *a: calls.append(1))
     t = Trainer(model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                 accumulation_steps=accumulation, log_grad_norms=False, grad_clip=1.0,
                 **({"loss_fn": loss_fn} if loss_fn is not None else {}))
-    if not fused:
-        t._fused_loss_options = lambda: None
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [{"input": x[:1], "target": y[:1]}, {"input": x[1:], "target": y[1:]}]
-    loss, tokens = t._train_step(batches if accumulation == 2 else batches[:1], stateful=False)
-    return loss, {k: before[k] - v for k, v in model.state_dict().items()}, len(calls)
+    loss = t.train_step(*(batches if accumulation == 2 else batches[:1]))
+    return float(loss), {k: before[k] - v for k, v in model.state_dict().items()}, len(calls)
 
 
-@pytest.mark.parametrize("loss,model_class", [("default", LSTMLanguageModel),
-                                              ("ours", LSTMLanguageModel),
-                                              ("default", _OwnForwardLM)])
-def test_fused_lm_loss_path_matches_logits_path(loss, model_class):
+@pytest.mark.parametrize("loss", ["default", "ours"])
+def test_fused_lm_loss_path_matches_logits_path(loss):
     fn = None if loss == "default" else make_loss("cross_entropy")
-    loss_f, grads_f, calls_f = _lm_step(fn, fused=True, model_class=model_class)
-    loss_p, grads_p, calls_p = _lm_step(fn, fused=False, model_class=model_class)
+    loss_f, grads_f, calls_f = _lm_step(fn, fused=True)
+    loss_p, grads_p, calls_p = _lm_step(fn, fused=False)
     assert calls_f == 0 and calls_p == 2  # the fused step never ran the head (no logits)
     assert loss_f == pytest.approx(loss_p, rel=1e-5)
     for k in grads_p:
@@ -311,19 +301,18 @@ def test_lm_evaluate_uses_the_fused_loss_and_matches_the_logits_path(make):
     loss_fn = make()
     t = Trainer(model, log_grad_norms=False, tensorboard=False, jsonl=False,
                 **({"loss_fn": loss_fn} if loss_fn is not None else {}))
-    assert t._fused_eval_options() is not None
     fused = t.evaluate(_PlainData())
-    assert len(calls) == 1  # only the all-ignored window built logits
-    t._fused_eval_options = lambda: None
+    assert len(calls) == 0  # no window built logits, not even the all-ignored one
+    model.fused_loss = False
     plain = t.evaluate(_PlainData())
-    assert len(calls) == 5
+    assert len(calls) == 4
     assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert fused["accuracy"] == plain["accuracy"]
     assert fused["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-5)
 
 
 def test_lm_predict_holds_logits_a_time_slice_at_a_time(monkeypatch):
-    import pyengine.train.trainer as trainer_module
+    import pyengine.train.evaluation as trainer_module
 
     data = lm_data(batch_size=4, seq_len=8)
     model = tiny_lm(dropout=0.0)
@@ -492,9 +481,9 @@ def test_schedules_and_early_stopping_rules():
     es = EarlyStopping("val_acc", mode="max", patience=2, min_delta=0.05)
     t = T()
     for epoch, v in enumerate([0.5, 0.54, 0.56, 0.58]):
-        es.on_epoch_end(t, {"epoch": epoch, "val_acc": v})
+        es.on_evaluate(t, {"epoch": epoch, "val_acc": v})
     assert es.best == 0.56 and es.best_epoch == 2 and not t.stop
-    es.on_epoch_end(t, {"epoch": 4, "val_acc": 0.6})
+    es.on_evaluate(t, {"epoch": 4, "val_acc": 0.6})
     assert t.stop and es.stopped_epoch == 4
     with pytest.raises(KeyError, match="val_loss"):
-        EarlyStopping().on_epoch_end(t, {"epoch": 0})
+        EarlyStopping().on_evaluate(t, {"epoch": 0})

@@ -1,12 +1,18 @@
-"""Benchmark helpers: same-process alternating timing, medians, machine peaks, peak memory.
+"""What every bench/ script shares: same-process alternating timing, medians, machine peaks,
+peak memory, tables, plots, and one `main()` (flags, the memory-case subprocess entry, printing,
+the RESULTS.md section, the JSON rows).
 
-Rules every bench/ script follows: all implementations of a case are timed in one process,
+Rules every script follows: all implementations of a case are timed in one process,
 alternating, after warm-up; the median is reported; a speed claim is a ratio of two medians from
 the same run; throughput is put against the matmul peak and copy bandwidth measured in that run.
+
+A script defines `report(args) -> Report` and `main(argv)` = `run_main(report, __doc__, argv)`;
+`pyengine bench` runs it with --quick, --device and --json.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -15,9 +21,11 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 @dataclass
@@ -395,3 +403,85 @@ def _save_figure(fig, path: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+# --------------------------------------------------------------------------------------------
+# the one main() of every bench script
+
+
+@dataclass
+class Report:
+    """What a bench script measured, for printing, RESULTS.md and the JSON rows.
+
+    section: its RESULTS.md section (and the JSON's); text: the Markdown printed and written
+    there (heading, notes, tables); rows, info: the raw rows and the machine description;
+    case_key / impl_key / ratio_key: the row fields the ratio plot uses; scaling: the sweep
+    points; extra_sections: more RESULTS.md sections (name -> Markdown), printed too.
+    """
+
+    section: str
+    text: str
+    rows: list[dict]
+    info: dict
+    case_key: str
+    impl_key: str
+    ratio_key: str
+    scaling: list[dict] = field(default_factory=list)
+    extra_sections: dict[str, str] = field(default_factory=dict)
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment for a bench subprocess: this checkout's pyengine first on the path (a
+    script runs with bench/ as its path, so `import pyengine` would otherwise find whichever
+    pyengine is installed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""), **extra)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_main(report: Callable[[argparse.Namespace], Report], doc: str | None, argv=None, *,
+         device: bool = True, memory_case: Callable[..., int | None] | None = None,
+         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """Parse the shared flags (--quick, --device, --json, --no-write, and the hidden
+    --memory-case IMPL SIZE that the memory subprocesses run), run `report(args)`, print its
+    Markdown, write its RESULTS.md section(s) (full runs only) and its JSON rows (--json)."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats")
+    if device:
+        parser.add_argument("--device", default=default_device())
+    parser.add_argument("--json", metavar="PATH", help="also write the rows (raw, as JSON) to PATH")
+    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    if memory_case is not None:
+        parser.add_argument("--memory-case", nargs=2, metavar=("IMPL", "SIZE"),
+                            help=argparse.SUPPRESS)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not device:
+        args.device = "cpu"
+    if memory_case is not None and args.memory_case:
+        impl, size = args.memory_case
+        peak = memory_case(impl, tuple(int(x) for x in size.split(",")), args.device)
+        print(json.dumps({"peak": peak}))
+        return 0
+    result = report(args)
+    print(result.text)
+    for body in result.extra_sections.values():
+        print("\n" + body)
+    if not (args.quick or args.no_write):  # a quick smoke run never replaces the real table
+        write_results_section(RESULTS, result.section, result.text)
+        for name, body in result.extra_sections.items():
+            write_results_section(RESULTS, name, body)
+    if args.json:
+        save_rows_json(args.json, result.section, result.rows, result.info,
+                       case_key=result.case_key, impl_key=result.impl_key,
+                       ratio_key=result.ratio_key, scaling=result.scaling)
+    return 0
+
+
+def info_line(info: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in info.items())
