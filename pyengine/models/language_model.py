@@ -116,14 +116,14 @@ class LSTMLanguageModel(nn.Module):
         summed over the non-ignored targets, their count, the new state).
 
         The fused head computes the loss straight from the hidden states when `loss_fn` is
-        cross-entropy or focal loss (None means plain cross-entropy) and no autocast is active
-        (it would hand the op low-precision hidden states against a float32 head); in eval
-        mode it also counts the correct predictions. Otherwise: logits, then `loss_fn`.
+        cross-entropy or focal loss (None means plain cross-entropy), under autocast too (the op
+        casts its inputs itself); in eval mode it also counts the correct predictions.
+        Otherwise: logits, then `loss_fn`.
         """
         tokens, targets = batch["input"], batch["target"]
         loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
         options = self._fused_options(loss_fn)
-        if options is None or torch.is_autocast_enabled(tokens.device.type):
+        if options is None:
             logits, state = self(tokens, state)
             output, target = flatten_logits(logits, targets)
             loss, count = summed_loss(loss_fn, output, target)

@@ -77,8 +77,16 @@ def _check_target(target, shape: tuple, name: str = "target") -> torch.Tensor:
 
 
 def _check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Out-of-range targets raise ValueError (the kernels also bound-check every index)."""
+    """Out-of-range targets raise ValueError on the CPU (where the kernels also bound-check every
+    index). On a GPU, where reading the targets on the host would wait for the device every step,
+    the check is a device-side assertion, as torch's own nll_loss does: the error surfaces at
+    the next synchronisation."""
     if target.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if target.device.type != "cpu":
+        valid = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
+        torch._assert_async(valid.all(), f"targets must be in [0, {num_classes}) or equal "
+                                         f"ignore_index ({ignore_index})")
         return
     lo, hi = (int(v) for v in torch.aminmax(target))
     if 0 <= lo and hi < num_classes:  # the usual case, in one pass
