@@ -72,7 +72,9 @@ if cpu_has_avx2():
         if cpu_has_avx512_vnni():
             cxx_flags += ["-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 
-sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+sources = sorted(
+    glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp")
+)
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 extension_kwargs = dict(
     name="pyengine._C",
