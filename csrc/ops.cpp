@@ -127,7 +127,8 @@ TORCH_LIBRARY(pyengine, m) {
   // biases [V], target int64 [N] or None. chunk_rows: rows per chunk (0: the op chooses).
   // Returns loss ([N] for none, else 0-d), stats [N,6] (per row: student max, student
   // log-sum-exp((s - max) / T), teacher max, the teacher's likewise, student
-  // log-sum-exp(s - max), the gradient's centering term; zeros where ignored), and with
+  // log-sum-exp(s - max) (0 without a target), the gradient's centering term; zeros where
+  // ignored), and with
   // compute_grad (mean/sum) the gradients of the reduced loss for the student's hidden, weight
   // and bias from the same chunked pass (empty tensors otherwise / without bias). The teacher
   // gets no gradient.

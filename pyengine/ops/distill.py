@@ -211,6 +211,9 @@ def linear_distillation_loss(
          "teacher_weight": teacher_weight, "teacher_bias": teacher_bias},
         autocast,
     )
+    if device.type == "cuda" and student_hidden.dtype == torch.float64:
+        raise TypeError("student_hidden has dtype torch.float64, which is not supported on cuda "
+                        "(supported: float32, bfloat16, float16)")
     target = _check_target(target, lead, v_student, ignore_index, device)
 
     def prepare(x, detach=False):
