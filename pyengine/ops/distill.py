@@ -74,7 +74,9 @@ def _check_number(value, name: str) -> float:
     return float(value)
 
 
-def _check_options(kind, temperature, alpha, beta, ignore_index, reduction) -> tuple:
+def check_options(kind, temperature, alpha, beta, ignore_index, reduction) -> tuple:
+    """Validate the options (errors name the argument); returns (temperature, alpha, beta,
+    reduction code)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
     temperature = _check_number(temperature, "temperature")
@@ -197,7 +199,7 @@ def linear_distillation_loss(
     v_student, _ = _check_head(student_hidden, student_weight, student_bias, "student")
     v_teacher, _ = _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher")
     _check_vocabularies(v_student, v_teacher)
-    temperature, alpha, beta, code = _check_options(kind, temperature, alpha, beta, ignore_index,
+    temperature, alpha, beta, code = check_options(kind, temperature, alpha, beta, ignore_index,
                                                     reduction)
     lead = tuple(student_hidden.shape[:-1])
     if tuple(teacher_hidden.shape[:-1]) != lead:
