@@ -50,6 +50,14 @@ CE_CHECKS = (  # impl, field, op, bound, what
 )
 
 
+DISTILL_CPU = "N=8192 Hs=512 Ht=512 V=32000"
+
+
+def _distill(field: str, op: str, bound: float, what: str) -> Target:
+    return Target("#24", f"linear distillation (kl), {DISTILL_CPU}: {what}", "distill",
+                  {"shape": DISTILL_CPU, "impl": "ours_kl"}, field, op, bound)
+
+
 def _lstm(shape: str, bound: float) -> Target:
     return Target("#2", f"LSTM train step, {shape} vs torch.nn.LSTM", "lstm",
                   {"shape": shape, "implementation": "pyengine"}, "speedup vs torch.nn.LSTM",
@@ -89,6 +97,8 @@ TARGETS = [
     _train("demo", "speedup vs torch", ">=", 1.3, "tokens/s vs plain PyTorch"),
     _train("large", "speedup vs torch", ">=", 1.1, "tokens/s vs plain PyTorch"),
     _train("large", "mem_vs_torch", "<=", 0.5, "peak memory / plain PyTorch"),
+    _distill("speedup vs eager", ">=", 1.3, "vs the eager F.kl_div formula"),
+    _distill("mem_vs_eager", "<=", 0.25, "peak memory / eager"),
 ]
 
 
