@@ -10,8 +10,10 @@ and when asked the gradient of the loss with respect to the student's logits, wr
 student's logits in place (each program owns its row). The backward reads the forward's
 statistics and runs only the gradient pass. The chunk's gradient then feeds three matmuls: the
 hidden gradient (input dtype), the weight gradient (accumulated in float32) and the bias
-gradient (a float32 column sum). Nothing reads a value back to the host: the mean's divisor
-stays a device tensor.
+gradient (a float32 column sum). The kernel writes each row's gradient before the reduction's
+scalar factor (1/N for the mean, the upstream gradient), which is applied to the three results
+at the end: float16 logit gradients would underflow at 1/N. Nothing reads a value back to the
+host: the mean's divisor stays a device tensor.
 
 Targets are bounded before any load: a target outside [0, V) (or ignore_index) reads nothing
 and its row contributes nothing.
@@ -331,6 +333,19 @@ def _new_grads(sh, sw, sb):
     return grad_h, grad_w, grad_b
 
 
+def _mean_factor(count: torch.Tensor) -> torch.Tensor:
+    """1 / count, 0 when no row counts (the gradient of 0/0 is taken as 0, as on the CPU)."""
+    return torch.where(count == 0, torch.zeros_like(count), 1.0 / count)
+
+
+def _scale_grads(grads, scale: torch.Tensor) -> None:
+    """The reduction's scalar factor, applied after the matmuls: the kernel writes unscaled
+    per-row gradients, so float16 logit gradients do not underflow at 1/N."""
+    for grad in grads:
+        if grad is not None:
+            grad.mul_(scale.to(grad.dtype))
+
+
 def linear_distillation_forward(student_hidden, student_weight, student_bias, teacher_hidden,
                                 teacher_weight, teacher_bias, target, kind, beta, temperature,
                                 alpha, ignore_index, reduction, compute_grad, chunk_rows):
@@ -343,16 +358,15 @@ def linear_distillation_forward(student_hidden, student_weight, student_bias, te
     N, V = sh.shape[0], sw.shape[0]
     dev = sh.device
     count = _count(target, ignore_index, N, V, dev)
-    if reduction == 1:
-        g = torch.where(count == 0, torch.zeros_like(count), 1.0 / count).reshape(1)
-    else:
-        g = torch.ones(1, dtype=torch.float32, device=dev)
     loss_rows = torch.empty(N, dtype=torch.float32, device=dev)
     stats = torch.empty(N, STAT_COLUMNS, dtype=torch.float32, device=dev)
     grads = _new_grads(sh, sw, sb) if compute_grad else None
+    ones = torch.ones(1, dtype=torch.float32, device=dev)
     _run_chunks(sh, sw, sb, th, tw, tb, target, kind, beta, temperature, alpha, ignore_index,
                 chunk_rows, mode=MODE_FORWARD_GRAD if compute_grad else MODE_FORWARD,
-                g=g if compute_grad else None, stats=stats, loss_rows=loss_rows, grads=grads)
+                g=ones if compute_grad else None, stats=stats, loss_rows=loss_rows, grads=grads)
+    if compute_grad and reduction == 1:
+        _scale_grads(grads, _mean_factor(count))
     if reduction == 0:
         loss = loss_rows.to(sh.dtype)
     else:
@@ -378,14 +392,16 @@ def linear_distillation_backward(grad_loss, student_hidden, student_weight, stud
     if reduction == 0:
         g, per_row = grad_loss.reshape(-1).float().contiguous(), True
     else:
-        g, per_row = grad_loss.reshape(1).float(), False
-        if reduction == 1:
-            count = _count(target, ignore_index, N, V, sh.device)
-            g = g * torch.where(count == 0, torch.zeros_like(count), 1.0 / count)
+        g, per_row = torch.ones(1, dtype=torch.float32, device=sh.device), False
     grads = _new_grads(sh, sw, sb)
     _run_chunks(sh, sw, sb, th, tw, tb, target, kind, beta, temperature, alpha, ignore_index,
                 chunk_rows, mode=MODE_BACKWARD, g=g, g_per_row=per_row,
                 stats=stats.float().contiguous(), grads=grads)
+    if reduction != 0:
+        scale = grad_loss.reshape(()).float()
+        if reduction == 1:
+            scale = scale * _mean_factor(_count(target, ignore_index, N, V, sh.device))
+        _scale_grads(grads, scale)
     grad_h, grad_w, grad_b = grads
     return (grad_h, grad_w.to(sw.dtype),
             grad_b.to(sw.dtype) if grad_b is not None else sh.new_empty(0))

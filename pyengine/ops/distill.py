@@ -157,14 +157,20 @@ def _check_target(target, shape: tuple, num_classes: int, ignore_index: int, dev
     if target.device != device:
         raise ValueError(f"target is on {target.device} but student_hidden is on {device}")
     target = target.reshape(-1).long()
-    if target.numel() and not torch.compiler.is_compiling():
-        lo, hi = (int(v) for v in torch.aminmax(target))
-        if not (0 <= lo and hi < num_classes):
-            bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-            if bool(bad.any()):
-                value = int(target[bad][0])
-                raise ValueError(f"target holds {value}, out of range: targets must be in "
-                                 f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
+    if target.numel() == 0 or torch.compiler.is_compiling():
+        return target
+    if target.device.type == "cuda":  # checked on the device, as torch's cross_entropy: no sync
+        in_range = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
+        torch._assert_async(in_range.all(), "target out of range: targets must be in "
+                            "[0, vocabulary) or equal ignore_index")
+        return target
+    lo, hi = (int(v) for v in torch.aminmax(target))
+    if not (0 <= lo and hi < num_classes):  # the usual case is decided in one pass
+        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        if bool(bad.any()):
+            value = int(target[bad][0])
+            raise ValueError(f"target holds {value}, out of range: targets must be in "
+                             f"[0, {num_classes}) or equal ignore_index ({ignore_index})")
     return target
 
 
