@@ -518,6 +518,32 @@ def test_triton_never_reads_out_of_bounds():
     assert not loss[:3].any() and not stats[:3].any() and loss[3] > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_op_on_cuda(dtype):
+    """The op end to end on the GPU (derivative from C++, Triton kernels, autocast) against
+    the CPU op in float32."""
+    (sh, sw, sb), (th, tw, tb), target = make(N=300, Hs=64, Ht=96, V=5000, seed=4)
+    tol = dict(atol=2e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for kind in KINDS:
+        kw = dict(target=target, temperature=2.0, alpha=0.3, kind=kind, beta=0.3)
+        expected = OURS(sh, sw, sb, th, tw, tb, **kw)
+        expected_grads = torch.autograd.grad(expected, (sh, sw, sb))
+        cuda = [x.detach().to("cuda", dtype).requires_grad_(x.requires_grad)
+                for x in (sh, sw, sb, th, tw, tb)]
+        loss = OURS(*cuda, **dict(kw, target=target.cuda()))
+        grads = torch.autograd.grad(loss, cuda[:3])
+        torch.testing.assert_close(loss.float().cpu(), expected, **tol)
+        for a, b in zip(grads, expected_grads):
+            torch.testing.assert_close(a.float().cpu(), b, **tol)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fp32 = [x.detach().cuda().requires_grad_(x.requires_grad) for x in (sh, sw, sb, th, tw, tb)]
+        loss = OURS(*fp32, target=target.cuda())
+    assert loss.dtype == torch.bfloat16
+    loss.float().backward()
+    assert fp32[1].grad.dtype == torch.float32
+
+
 # ---- the Triton kernel compiles for real GPUs ----------------------------------------------------
 
 COMPILE_SCRIPT = r"""
