@@ -233,8 +233,9 @@ def linear_distillation_loss(
             x = x.float()  # the CPU kernel computes in float32
         return x
 
-    sh = prepare(student_hidden).reshape(-1, student_hidden.shape[-1])
-    th = prepare(teacher_hidden, True).reshape(-1, teacher_hidden.shape[-1])
+    rows = math.prod(lead)  # not -1: a hidden size of 0 leaves -1 undetermined
+    sh = prepare(student_hidden).reshape(rows, student_hidden.shape[-1])
+    th = prepare(teacher_hidden, True).reshape(rows, teacher_hidden.shape[-1])
     loss = native("linear_distillation")(
         sh, prepare(student_weight), prepare(student_bias), th, prepare(teacher_weight, True),
         prepare(teacher_bias, True), target, kind, beta, temperature, alpha, ignore_index, code,

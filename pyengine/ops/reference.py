@@ -6,6 +6,8 @@ autograd gives the reference gradients. Run them in float64 to compare.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -152,10 +154,11 @@ def linear_distillation(student_hidden, student_weight, teacher_hidden, teacher_
     """Reference of ops.linear_distillation_loss: both heads' logits materialised, the
     divergence of softmax(t / T) and softmax(s / T) per row (see pyengine/ops/distill.py), the
     teacher detached."""
-    s = student_hidden.reshape(-1, student_hidden.shape[-1]) @ student_weight.t()
+    rows = math.prod(student_hidden.shape[:-1])
+    s = student_hidden.reshape(rows, student_hidden.shape[-1]) @ student_weight.t()
     if student_bias is not None:
         s = s + student_bias
-    t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) @ teacher_weight.t()
+    t = teacher_hidden.reshape(rows, teacher_hidden.shape[-1]) @ teacher_weight.t()
     if teacher_bias is not None:
         t = t + teacher_bias
     t = t.detach()

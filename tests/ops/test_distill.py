@@ -270,6 +270,23 @@ def test_zero_rows():
     assert not any(g.any() for g in grads)
 
 
+def test_zero_hidden_size_and_infinite_logits():
+    """Hs = 0 (logits = the bias) is defined; an infinite logit makes its row NaN, as
+    log_softmax does."""
+    (_, sw, sb), (th, tw, tb), target = make(N=5, V=6)
+    sh = torch.randn(5, 0, requires_grad=True)
+    sw0 = torch.randn(6, 0, requires_grad=True)
+    check((sh, sw0, sb), (th, tw, tb), target=target, kind="jsd", temperature=1.5)
+    (sh, sw, _), _, _ = make(N=5, V=6)
+    sh = sh.detach().clone()
+    sh[1, 0] = float("inf")
+    for kind in KINDS:
+        rows = ops.linear_distillation_loss(sh, sw, th, tw, kind=kind, reduction="none")
+        expected = reference.linear_distillation(sh, sw, th, tw, kind=kind, reduction="none")
+        torch.testing.assert_close(rows, expected, equal_nan=True)
+        assert rows[1].isnan() and not rows[[0, 2, 3, 4]].isnan().any()
+
+
 def test_low_precision_inputs_on_cpu_compute_in_float32():
     (sh, sw, sb), (th, tw, tb), target = make(dtype=torch.bfloat16)
     loss = OURS(sh, sw, sb, th, tw, tb, target=target, kind="jsd")
@@ -602,10 +619,11 @@ def test_triton_kernel_compiles_for_sm80_and_sm90():
 
 
 @pytest.mark.slow
-def test_triton_kernel_compiles_every_dtype_and_block():
-    n = _compile_for_gpus(dict(archs=[80, 90], vocabularies=[128256, 1500, 37],
-                               dtypes=["float32", "bfloat16", "float16"], kinds=None))
-    assert n == 2 * 3 * 3 * 36
+def test_triton_kernel_compiles_every_configuration_in_float32_and_float16():
+    """The large block's 36 configurations in the two other dtypes (about a minute)."""
+    n = _compile_for_gpus(dict(archs=[80, 90], vocabularies=[128256],
+                               dtypes=["float32", "float16"], kinds=None))
+    assert n == 2 * 2 * 36
 
 
 def test_launch_configs_cover_what_the_drivers_launch():
