@@ -21,7 +21,7 @@ $PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 # Correctness of every GPU path on the device.
 TRITON_INTERPRET=0 $PY -m pytest -q -x \
   tests/ops/test_lstm_triton.py tests/ops/test_cross_entropy.py tests/ops/test_clip.py \
-  tests/ops/test_int8.py tests/ops/test_int8_lstm.py 2>&1 | tail -15
+  tests/ops/test_int8.py tests/ops/test_int8_lstm.py tests/ops/test_distill.py 2>&1 | tail -15
 
 # Module-level drop-in checks on CUDA against cuDNN.
 $PY - <<'PYEOF'
@@ -78,7 +78,8 @@ timeout 900 $PY -m pyengine demo --device cuda --steps 100 --domain-steps 20 \
   --output-dir "${TMPDIR:-/tmp}/pyengine-gpu-demo" 2>&1 | tail -30
 
 for script in bench/bench_lstm.py bench/bench_cross_entropy.py bench/bench_clip.py \
-              bench/bench_int8.py bench/bench_generate.py bench/bench_prune.py; do
+              bench/bench_int8.py bench/bench_generate.py bench/bench_prune.py \
+              bench/bench_distill.py; do
   echo "== $script"
   if $PY "$script" --help 2>/dev/null | grep -q -- "--device"; then
     timeout 300 $PY "$script" --device cuda $QUICK

@@ -50,6 +50,14 @@ CE_CHECKS = (  # impl, field, op, bound, what
 )
 
 
+DISTILL_CPU = "N=8192 Hs=512 Ht=512 V=32000"
+
+
+def _distill(field: str, op: str, bound: float, what: str) -> Target:
+    return Target("#24", f"linear distillation (kl), {DISTILL_CPU}: {what}", "distill",
+                  {"shape": DISTILL_CPU, "impl": "ours_kl"}, field, op, bound)
+
+
 def _lstm(shape: str, bound: float) -> Target:
     return Target("#2", f"LSTM train step, {shape} vs torch.nn.LSTM", "lstm",
                   {"shape": shape, "implementation": "pyengine"}, "speedup vs torch.nn.LSTM",
@@ -92,6 +100,8 @@ TARGETS = [
     Target("#25", "pyengine serve, 16 clients: continuous batching vs one request at a time, "
            "tokens/s", "serve", {"case": "16 clients", "implementation": "continuous batching"},
            "speedup vs one at a time (max batch 1)", ">=", 3.0),
+    _distill("speedup vs eager", ">=", 1.3, "vs the eager F.kl_div formula"),
+    _distill("mem_vs_eager", "<=", 0.25, "peak memory / eager"),
 ]
 
 

@@ -131,6 +131,46 @@ TORCH_LIBRARY(pyengine, m) {
       "int ignore_index, float label_smoothing, float gamma, float z_loss, int reduction, "
       "int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
+  // ---- linear distillation (csrc/cpu/distill.cpp, pyengine/kernels/distill.py,
+  //      derivative in csrc/autograd/distill.cpp) -----------------------------------------------
+  // Per row i: student logits s = student_hidden[i] @ student_weight^T + student_bias, teacher
+  // logits t likewise (both [V]); q = softmax(s / T), p = softmax(t / T) (T = temperature);
+  //   D = KL(p || q) (kind "kl"), KL(q || p) ("reverse_kl"), or for "jsd" with M = beta p +
+  //       (1 - beta) q: beta KL(p || M) + (1 - beta) KL(q || M) (beta 0: "kl", beta 1:
+  //       "reverse_kl");
+  //   loss_i = alpha * CE(s, target_i) + (1 - alpha) * T^2 * D with a target, T^2 * D without;
+  //   0 where target_i == ignore_index. reduction: 0 none, 1 mean (over counted rows), 2 sum.
+  // student_hidden [N,Hs], student_weight [V,Hs], teacher_hidden [N,Ht], teacher_weight [V,Ht],
+  // biases [V], target int64 [N] or None. chunk_rows: rows per chunk (0: the op chooses).
+  // Returns loss ([N] for none, else 0-d), stats [N,6] (per row: student max, student
+  // log-sum-exp((s - max) / T), teacher max, the teacher's likewise, student
+  // log-sum-exp(s - max) (0 without a target), the gradient's centering term; zeros where
+  // ignored), and with
+  // compute_grad (mean/sum) the gradients of the reduced loss for the student's hidden, weight
+  // and bias from the same chunked pass (empty tensors otherwise / without bias). The teacher
+  // gets no gradient.
+  m.def(
+      "linear_distillation_forward(Tensor student_hidden, Tensor student_weight, "
+      "Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, "
+      "Tensor? target, str kind, float beta, float temperature, float alpha, int ignore_index, "
+      "int reduction, bool compute_grad, int chunk_rows) "
+      "-> (Tensor loss, Tensor stats, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // The student's gradients recomputed chunk by chunk (both heads' logits) from the forward's
+  // stats; grad_loss: [N] (none) or a scalar. grad_bias is empty without student_bias.
+  m.def(
+      "linear_distillation_backward(Tensor grad_loss, Tensor student_hidden, "
+      "Tensor student_weight, Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, "
+      "Tensor? teacher_bias, Tensor? target, Tensor stats, str kind, float beta, "
+      "float temperature, float alpha, int ignore_index, int reduction, int chunk_rows) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // The public op: linear_distillation_forward's loss, with its derivative (student only)
+  // attached once, in C++, for every backend (csrc/autograd/distill.cpp).
+  m.def(
+      "linear_distillation(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
+      "Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? target, "
+      "str kind, float beta, float temperature, float alpha, int ignore_index, int reduction) "
+      "-> Tensor");
+
   // ---- int8 linear (csrc/cpu/int8.cpp, pyengine/kernels/int8.py) -------------------------------
   // qweight: int8 [N,K] (symmetric per-row quantized) -> the backend's packed layout (CPU: 1-D
   // panels of 16 columns x 4 k; CUDA: the [N,K] weight itself) and wsum int32 (per-column sums).

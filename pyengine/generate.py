@@ -3,7 +3,8 @@
 The model's recurrent state is carried from step to step: the prompt is read once, and each new
 token costs one step of the model, never a re-run of the prefix. Any model with
 `forward(tokens [B,T], state) -> (logits [B,T,V], state)` works: LSTMLanguageModel, and its
-quantized or pruned variants.
+quantized or pruned variants. A list of models decodes as one (logit ensembling): each step
+uses the average of their log-probabilities (pyengine.models.LogitEnsemble).
 
 Decoding: `temperature=0` is greedy; otherwise tokens are sampled from the softmax at that
 temperature, optionally restricted to the `top_k` most likely tokens and/or the smallest set whose
@@ -27,7 +28,7 @@ State = tuple[torch.Tensor, torch.Tensor]
 
 
 def generate(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     tokenizer,
     prompt: str | Sequence[str],
     max_new_tokens: int = 100,
@@ -45,9 +46,14 @@ def generate(
     Returns the continuation only (not the prompt): a string, a list of strings for a list of
     prompts, or with `stream=True` an iterator of text pieces (one prompt, no beams) whose
     concatenation is the same continuation. An empty prompt starts from the tokenizer's
-    `bos_id` if it has one, else from a newline.
+    `bos_id` if it has one, else from a newline. `model` may be a list of models over one
+    vocabulary: they decode as one, from the average of their log-probabilities.
     """
     _validate(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams)
+    if isinstance(model, (list, tuple)):
+        from pyengine.models.ensemble import LogitEnsemble
+
+        model = LogitEnsemble(model)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
@@ -143,6 +149,21 @@ def advance(model, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, St
     return logits[:, -1], state
 
 
+def _cat_states(states: list):
+    """One batch from per-prompt states: tensors (batch in dim 1) concatenated; tuples (h, c),
+    or an ensemble's tuple of its members' states, element by element."""
+    if isinstance(states[0], torch.Tensor):
+        return torch.cat(states, dim=1)
+    return tuple(_cat_states([s[i] for s in states]) for i in range(len(states[0])))
+
+
+def _select_states(state, index: torch.Tensor):
+    """The rows `index` (dim 1) of every tensor of a (nested) state."""
+    if isinstance(state, torch.Tensor):
+        return state.index_select(1, index)
+    return tuple(_select_states(s, index) for s in state)
+
+
 def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL repetition penalty on the tokens marked in `seen` ([B,V] bool)."""
     if penalty == 1.0:
@@ -220,7 +241,7 @@ def _sample_batch(model, tokenizer, prompts, *, max_new_tokens, sampling, stops)
     # Prompts differ in length: read each alone, then stack the states into one batch.
     firsts = [read_prompt(model, ids) for ids in all_ids]
     logits = torch.stack([f[0] for f in firsts])
-    state = tuple(torch.cat([f[1][i] for f in firsts], dim=1) for i in range(2))
+    state = _cat_states([f[1] for f in firsts])
     seen = torch.cat([mark_seen(logits, ids) for ids in all_ids])
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -312,7 +333,7 @@ def _beam_search(model, tokenizer, prompt, num_beams, *, max_new_tokens, samplin
             break
         beams, scores = new_beams, torch.stack(new_scores)
         index = torch.tensor(parents, device=logits.device)
-        state = tuple(s.index_select(1, index) for s in state)
+        state = _select_states(state, index)
         last_tokens = torch.tensor([b[-1] for b in beams], device=logits.device)
         logits, state = advance(model, last_tokens, state)
     best_beam = max(finished, key=lambda f: f[0])[1]

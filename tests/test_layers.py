@@ -14,9 +14,9 @@ ALLOWED = {
     "cli": {"serve", "train", "compress", "models", "data", "export", "generate"} | ENGINE,
     "serve": {"train", "models", "data", "export", "generate"} | ENGINE,
     "train": {"models", "data", "generate"} | ENGINE,
-    "compress": {"train", "models"} | ENGINE,  # PruneSchedule is a Trainer callback
+    "compress": {"train", "models"} | ENGINE,  # checkpoint averaging reads train's checkpoints
     "export": {"models"} | ENGINE,
-    "generate": set() | ENGINE,
+    "generate": {"models"} | ENGINE,
     "models": ENGINE,
     "data": set(),
     "nn": {"ops", "kernels", "backends"},

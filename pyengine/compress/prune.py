@@ -451,14 +451,10 @@ def apply_unit_masks(model: nn.Module, masks: dict[str, list], params: dict | No
                 p.index_fill_(dim, idx.to(p.device), 0.0)
 
 
-def _trainer_callback_base():
-    from pyengine.train.callbacks import Callback
-
-    return Callback
-
-
-class PruneSchedule(_trainer_callback_base()):
-    """Gradual structured pruning from the Trainer: prune a little, fine-tune, repeat.
+class PruneSchedule:
+    """Gradual structured pruning from the Trainer: prune a little, fine-tune, repeat. A Trainer
+    callback (the Trainer calls the hooks a callback defines; this one needs no base class, so
+    compress does not import train).
 
     Every `every` optimizer steps (from `start_step`), the sparsity grows along the cubic
     schedule of Zhu & Gupta from 0 to `target` over `steps` pruning events; the least important

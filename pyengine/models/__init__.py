@@ -1,6 +1,7 @@
 """The running-example models."""
 
 from pyengine.models.classifier import LSTMClassifier
+from pyengine.models.ensemble import LogitEnsemble
 from pyengine.models.language_model import LSTMLanguageModel
 
-__all__ = ["LSTMClassifier", "LSTMLanguageModel"]
+__all__ = ["LSTMClassifier", "LSTMLanguageModel", "LogitEnsemble"]

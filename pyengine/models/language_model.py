@@ -110,6 +110,19 @@ class LSTMLanguageModel(nn.Module):
             return loss, state
         return self.head(self.dropout(hidden)), state
 
+    def hidden_states(self, tokens: torch.Tensor,
+                      state: State | None = None) -> tuple[torch.Tensor, State]:
+        """tokens [B,T] -> (the head's input [B,T,H], (h_n, c_n)): what `head` maps to logits,
+        for losses that take hidden states and the head's weight (linear_cross_entropy,
+        linear_distillation_loss) instead of the [B,T,V] logits."""
+        if tokens.dim() != 2 or tokens.dtype != torch.long:
+            raise ValueError(
+                f"tokens must be a 2-D int64 tensor [batch, time], got {tokens.dtype} "
+                f"of shape {tuple(tokens.shape)}"
+            )
+        hidden, state = lstm_over_embedding(self.lstm, self.embedding, self.dropout, tokens, state)
+        return self.dropout(hidden), state
+
     def compute_loss(self, batch: dict[str, torch.Tensor], loss_fn=None,
                      state: State | None = None) -> LossTerms:
         """The Trainer's entry: batch {"input": [B,T], "target": [B,T]} -> LossTerms (the loss

@@ -1,6 +1,7 @@
 """Drop-in modules over pyengine's fused ops."""
 
 from pyengine.nn import utils
+from pyengine.nn.distill import LinearDistillationLoss
 from pyengine.nn.loss import CrossEntropyLoss, FocalLoss, LinearCrossEntropyLoss
 from pyengine.nn.lstm import LSTM, LSTMCell
 from pyengine.nn.patch import patch, unpatch
@@ -13,6 +14,7 @@ __all__ = [
     "LSTM",
     "LSTMCell",
     "LinearCrossEntropyLoss",
+    "LinearDistillationLoss",
     "QuantizedLSTM",
     "QuantizedLSTMCell",
     "patch",

@@ -2,6 +2,7 @@
 
 from pyengine.ops import reference
 from pyengine.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from pyengine.ops.distill import linear_distillation_loss
 from pyengine.ops.int8 import int8_linear, quantize_per_channel
 from pyengine.ops.int8_lstm import Int8Weight, int8_lstm_layer
 from pyengine.ops.lstm import (
@@ -21,6 +22,7 @@ __all__ = [
     "int8_linear",
     "int8_lstm_layer",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "lstm",
     "lstm_layer",
     "lstm_stack",

@@ -6,6 +6,8 @@ autograd gives the reference gradients. Run them in float64 to compare.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -134,6 +136,60 @@ def linear_cross_entropy(hidden, weight, target, bias=None, class_weight=None, i
     loss, divisor = _ce_rows(logits, target.reshape(-1), class_weight, ignore_index,
                              label_smoothing, gamma, sample_weight, z_loss)
     return _reduce(loss, divisor, reduction, target.shape)
+
+
+# ---- linear distillation -------------------------------------------------------------------------
+
+
+def _zero_where_no_mass(prob, term):
+    """prob * term with 0 where prob == 0 (0 log 0 = 0), NaN kept; safe for autograd."""
+    zero = prob == 0
+    return torch.where(zero, torch.zeros_like(term), prob * torch.where(zero, 0.0, term))
+
+
+def linear_distillation(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                        target=None, temperature=1.0, alpha=0.5, kind="kl", beta=0.5,
+                        ignore_index=-100, student_bias=None, teacher_bias=None,
+                        reduction="mean"):
+    """Reference of ops.linear_distillation_loss: both heads' logits materialised, the
+    divergence of softmax(t / T) and softmax(s / T) per row (see pyengine/ops/distill.py), the
+    teacher detached."""
+    rows = math.prod(student_hidden.shape[:-1])
+    s = student_hidden.reshape(rows, student_hidden.shape[-1]) @ student_weight.t()
+    if student_bias is not None:
+        s = s + student_bias
+    t = teacher_hidden.reshape(rows, teacher_hidden.shape[-1]) @ teacher_weight.t()
+    if teacher_bias is not None:
+        t = t + teacher_bias
+    t = t.detach()
+    if kind == "jsd" and beta in (0, 1):
+        kind = "kl" if beta == 0 else "reverse_kl"
+    lq = torch.log_softmax(s / temperature, dim=1)
+    lp = torch.log_softmax(t / temperature, dim=1)
+    q, p = lq.exp(), lp.exp()
+    if kind == "kl":
+        divergence = _zero_where_no_mass(p, lp - lq).sum(1)
+    elif kind == "reverse_kl":
+        divergence = _zero_where_no_mass(q, lq - lp).sum(1)
+    else:
+        lm = torch.log(beta * p + (1 - beta) * q)
+        divergence = (beta * _zero_where_no_mass(p, lp - lm).sum(1)
+                      + (1 - beta) * _zero_where_no_mass(q, lq - lm).sum(1))
+    soft = temperature**2 * divergence
+    if target is None:
+        rows, count = soft, soft.new_tensor(float(s.shape[0]))
+    else:
+        t1 = target.reshape(-1)
+        valid = t1 != ignore_index
+        safe = torch.where(valid, t1, torch.zeros_like(t1))
+        ce = torch.logsumexp(s, dim=1) - s.gather(1, safe[:, None])[:, 0]
+        rows = torch.where(valid, alpha * ce + (1 - alpha) * soft, torch.zeros_like(soft))
+        count = valid.sum().to(s.dtype)
+    if reduction == "none":
+        return rows.reshape(student_hidden.shape[:-1])
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / count
 
 
 def quantize_per_channel(w):
