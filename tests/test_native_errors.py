@@ -82,6 +82,18 @@ CASES = {
         "linear_cross_entropy_backward",
         "args = (t(()), t(4, 3), t(7, 5), None, torch.tensor([0, 1, 2, 3]), None, None, t(4), "
         "-100, 0.0, 0.0, 0.0, 1, 0)"),
+    "linear_distillation: student and teacher vocabularies differ": (
+        "linear_distillation",
+        "args = (t(4, 3), t(7, 3), None, t(4, 5), t(9, 5), None, None, 'kl', 0.5, 1.0, 0.5, "
+        "-100, 1)"),
+    "linear_distillation_forward: hidden width not the weight's": (
+        "linear_distillation_forward",
+        "args = (t(4, 3), t(7, 2), None, t(4, 5), t(7, 5), None, None, 'kl', 0.5, 1.0, 0.5, "
+        "-100, 1, False, 0)"),
+    "linear_distillation_backward: stats of the wrong length": (
+        "linear_distillation_backward",
+        "args = (t(()), t(4, 3), t(7, 3), None, t(4, 5), t(7, 5), None, None, t(2, 2), 'kl', "
+        "0.5, 1.0, 0.5, -100, 1, 0)"),
     "int8_pack_weight: float weight": (
         "int8_pack_weight", "args = (t(3, 4),)"),
     "int8_linear: packed weight of the wrong size": (

@@ -14,9 +14,6 @@
 // Autocast: on CPU the op runs in float32 (the CPU kernel is float32/float64); on CUDA in the
 // autocast dtype (bfloat16/float16 GEMMs on tensor cores; the row statistics are float32 in the
 // kernel whatever the input).
-#include <ATen/ATen.h>
-#include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -25,6 +22,8 @@
 #include <tuple>
 #include <vector>
 
+#include "autograd/common.h"
+
 namespace pyengine {
 namespace autograd {
 namespace {
@@ -32,7 +31,6 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<Tensor>;
 
 using ForwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
@@ -45,11 +43,6 @@ using BackwardSignature = std::tuple<Tensor, Tensor, Tensor>(
 using PublicSignature = Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
                                const Tensor&, const OptTensor&, const OptTensor&,
                                c10::string_view, double, double, double, int64_t, int64_t);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
   static const auto op = find_op<ForwardSignature>("pyengine::linear_distillation_forward");
@@ -65,10 +58,6 @@ const c10::TypedOperatorHandle<PublicSignature>& public_op() {
   static const auto op = find_op<PublicSignature>("pyengine::linear_distillation");
   return op;
 }
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // Saved tensors, in this order (undefined where an optional input was None).
 enum Saved { kStudentHidden, kStudentWeight, kStudentBias, kTeacherHidden, kTeacherWeight,
@@ -108,8 +97,7 @@ struct LinearDistillationFunction
   // One gradient per forward argument: the student's hidden, weight and bias; none for the
   // teacher, the target and the options.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(), "pyengine::linear_distillation: double backward "
-                "(create_graph=True) is not supported");
+    refuse_double_backward("linear_distillation");
     variable_list result(14);
     const Tensor& grad_loss = grads[0];
     const variable_list s = ctx->get_saved_variables();
@@ -130,9 +118,9 @@ struct LinearDistillationFunction
       grad_bias = has_bias ? g[2].mul_(grad_loss) : Tensor();
     } else {
       std::tie(grad_hidden, grad_weight, grad_bias) = backward_op().call(
-          grad_loss, s[kStudentHidden], s[kStudentWeight], optional_of(s[kStudentBias]),
-          s[kTeacherHidden], s[kTeacherWeight], optional_of(s[kTeacherBias]),
-          optional_of(s[kTarget]), s[kStats], ctx->saved_data["kind"].toStringRef(),
+          grad_loss, s[kStudentHidden], s[kStudentWeight], as_optional(s[kStudentBias]),
+          s[kTeacherHidden], s[kTeacherWeight], as_optional(s[kTeacherBias]),
+          as_optional(s[kTarget]), s[kStats], ctx->saved_data["kind"].toStringRef(),
           ctx->saved_data["beta"].toDouble(), ctx->saved_data["temperature"].toDouble(),
           ctx->saved_data["alpha"].toDouble(), ctx->saved_data["ignore_index"].toInt(),
           ctx->saved_data["reduction"].toInt(), 0);
@@ -173,37 +161,28 @@ Tensor linear_distillation_plain(const Tensor& student_hidden, const Tensor& stu
                                        0));
 }
 
-// Autocast: every floating input cast to `dtype` (float64 and integer tensors are left alone),
-// then the op again with this autocast key excluded.
-template <c10::DeviceType device_type>
+// Autocast: float32 on the CPU, the autocast dtype on CUDA (see the file comment).
+template <c10::DeviceType device, CastPolicy policy>
 Tensor linear_distillation_autocast(const Tensor& student_hidden, const Tensor& student_weight,
                                     const OptTensor& student_bias, const Tensor& teacher_hidden,
                                     const Tensor& teacher_weight, const OptTensor& teacher_bias,
                                     const OptTensor& target, c10::string_view kind, double beta,
                                     double temperature, double alpha, int64_t ignore_index,
                                     int64_t reduction) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(
-      at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
-  const at::ScalarType dtype = device_type == c10::DeviceType::CPU
-                                   ? at::kFloat
-                                   : at::autocast::get_autocast_dtype(device_type);
-  auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dtype, t, device_type); };
-  auto cast_optional = [&](const OptTensor& t) -> OptTensor {
-    return present(t) ? OptTensor(cast(*t)) : t;
-  };
-  return public_op().call(cast(student_hidden), cast(student_weight), cast_optional(student_bias),
-                          cast(teacher_hidden), cast(teacher_weight), cast_optional(teacher_bias),
-                          target, kind, beta, temperature, alpha, ignore_index, reduction);
+  AutocastScope cast(device, policy);
+  return public_op().call(cast(student_hidden), cast(student_weight), cast(student_bias),
+                          cast(teacher_hidden), cast(teacher_weight), cast(teacher_bias), target,
+                          kind, beta, temperature, alpha, ignore_index, reduction);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, Autograd, m) {
   m.impl("linear_distillation", &linear_distillation_autograd);
-  // The internal ops are not differentiable: autograd passes them by (their results never
-  // require grad); the public op above is the one with a derivative.
-  m.impl("linear_distillation_forward", torch::CppFunction::makeFallthrough());
-  m.impl("linear_distillation_backward", torch::CppFunction::makeFallthrough());
+  // The internal ops are not differentiable: the public op above carries the derivative.
+  static const char* const internal[] = {"linear_distillation_forward",
+                                         "linear_distillation_backward"};
+  register_internal_ops(m, internal);
 }
 
 TORCH_LIBRARY_IMPL(pyengine, CompositeExplicitAutograd, m) {
@@ -211,11 +190,13 @@ TORCH_LIBRARY_IMPL(pyengine, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(pyengine, AutocastCPU, m) {
-  m.impl("linear_distillation", &linear_distillation_autocast<c10::DeviceType::CPU>);
+  m.impl("linear_distillation",
+         &linear_distillation_autocast<c10::DeviceType::CPU, CastPolicy::kFloat32>);
 }
 
 TORCH_LIBRARY_IMPL(pyengine, AutocastCUDA, m) {
-  m.impl("linear_distillation", &linear_distillation_autocast<c10::DeviceType::CUDA>);
+  m.impl("linear_distillation",
+         &linear_distillation_autocast<c10::DeviceType::CUDA, CastPolicy::kLowerPrecision>);
 }
 
 }  // namespace autograd
