@@ -129,3 +129,18 @@ def test_one_build_runs_on_cpus_without_avx512_or_avx2():
         assert result[0] == expected
         for a, b in zip(result[1:], here[1:]):
             assert abs(float(a) - float(b)) <= 1e-3 * max(1.0, abs(float(b))), (cpu, result, here)
+
+
+def test_every_package_goes_into_a_wheel():
+    """setup.py finds packages instead of listing them (a listed set once left pyengine.train out
+    of the wheel): every folder of pyengine holding an __init__.py is one of them."""
+    import pathlib
+
+    from setuptools import find_packages
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    found = set(find_packages(where=str(root), include=["pyengine", "pyengine.*"]))
+    on_disk = {".".join(p.parent.relative_to(root).parts)
+               for p in (root / "pyengine").rglob("__init__.py")}
+    assert found == on_disk
+    assert 'find_packages(include=["pyengine", "pyengine.*"])' in (root / "setup.py").read_text()
