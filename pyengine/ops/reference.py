@@ -137,11 +137,15 @@ def linear_cross_entropy(hidden, weight, target, bias=None, class_weight=None, i
 
 
 def quantize_per_channel(w):
-    """Reference of ops.quantize_per_channel: symmetric int8 per row, scale = max|row| / 127."""
+    """Reference of ops.quantize_per_channel: symmetric int8 per row, scale = max|row| / 127
+    (1 for a zero or empty row; NaN, with qweight 0, for a row holding NaN or +-inf)."""
     w = w.float()
-    amax = w.abs().amax(dim=1)
+    finite = w.isfinite().all(dim=1)
+    amax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    q = torch.round(w / scale[:, None]).clamp(-127, 127)
+    return torch.where(finite[:, None], q, torch.zeros_like(q)).to(torch.int8), scale
 
 
 def quantize_rows(x):
