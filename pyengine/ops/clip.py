@@ -11,6 +11,8 @@ Three native ops (schemas in csrc/ops.cpp), each ONE call over all tensors of a 
 - ``clamp_grads_(tensors, clip_value)``: clamp to [-clip_value, clip_value], NaN kept.
 
 dtypes: float32, float64, bfloat16 and float16 on CPU and CUDA, mixed freely in one list.
+Zero sizes, as torch.linalg.vector_norm and clip_grad_norm_: an empty tensor has norm 0 (its
+inf, -inf and negative-p norms are a RuntimeError), an empty list no norms and a total of 0.
 Non-contiguous tensors are handled (through a contiguous copy, copied back by the in-place ops).
 Validation is lazy: the kernels check dtypes and devices, and only when they refuse a list does
 Python look at every tensor to name the culprit (the 500-tensor case is overhead-bound).

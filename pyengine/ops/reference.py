@@ -6,6 +6,8 @@ autograd gives the reference gradients. Run them in float64 to compare.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -128,12 +130,17 @@ def linear_cross_entropy(hidden, weight, target, bias=None, class_weight=None, i
                          reduction="mean", label_smoothing=0.0, gamma=0.0, sample_weight=None,
                          z_loss=0.0):
     """Reference of ops.linear_cross_entropy: cross_entropy of hidden @ weight.T + bias."""
-    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+    logits = _rows(hidden) @ weight.t()
     if bias is not None:
         logits = logits + bias
     loss, divisor = _ce_rows(logits, target.reshape(-1), class_weight, ignore_index,
                              label_smoothing, gamma, sample_weight, z_loss)
     return _reduce(loss, divisor, reduction, target.shape)
+
+
+def _rows(x):
+    """x [..., K] as [rows, K] (reshape(-1, K) is ambiguous when K = 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def quantize_per_channel(w):
@@ -157,16 +164,14 @@ def quantize_rows(x):
 def int8_linear_int32(x, qweight):
     """The exact integer product of int8_linear(act="dynamic") before its float epilogue:
     int32 [..., N] = quantize_rows(x) @ qweight^T, computed in int64 then narrowed."""
-    K = qweight.shape[1]
-    xq, _ = quantize_rows(x.reshape(-1, K))
+    xq, _ = quantize_rows(_rows(x))
     acc = xq.long() @ qweight.long().t()
     return acc.to(torch.int32).reshape(*x.shape[:-1], qweight.shape[0])
 
 
 def int8_linear(x, qweight, scale, bias=None, act="dynamic"):
     """Reference of ops.int8_linear in float64 (dequantized epilogue of the integer product)."""
-    K = qweight.shape[1]
-    x2 = x.reshape(-1, K)
+    x2 = _rows(x)
     if act == "dynamic":
         xq, sx = quantize_rows(x2)
         acc = (xq.long() @ qweight.long().t()).double()
