@@ -215,8 +215,18 @@ def clamp_(
 # ---- fake kernels (shapes only), for torch.compile, FakeTensor and opcheck ---------------------
 
 
+def _one_device(tensors, op: str) -> None:
+    """The fake kernels also run for real meta tensors: a list with one (among others on the
+    CPU) reached them and got uninitialised norms, or nothing done in place. They refuse a
+    list spanning devices as the real kernels do, so the caller names the culprit (or runs the
+    op once per device)."""
+    if len({t.device for t in tensors}) > 1:
+        raise RuntimeError(f"{op}: the tensors are on more than one device")
+
+
 @register_fake("grad_norms")
 def _grad_norms_fake(tensors, norm_type):
+    _one_device(tensors, "grad_norms")
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     device = tensors[0].device if tensors else torch.device("cpu")
     return torch.empty(len(tensors), dtype=dtype, device=device)
@@ -224,12 +234,12 @@ def _grad_norms_fake(tensors, norm_type):
 
 @register_fake("scale_grads_")
 def _scale_grads_fake(tensors, coef):
-    return None
+    _one_device(tensors, "scale_grads_")
 
 
 @register_fake("clamp_grads_")
 def _clamp_grads_fake(tensors, clip_value):
-    return None
+    _one_device(tensors, "clamp_grads_")
 
 
 if torch.version.cuda is not None and triton_available():  # a CUDA build of torch
