@@ -869,6 +869,86 @@ def test_triton_clip_and_prune():
     assert not problems, "\n".join(problems)
 
 
+# ---- the ops on another device (CUDA when there is one) ----------------------------------------
+#
+# The same matrix with the ops fed tensors on `device` (their results and gradients come back to
+# the CPU through autograd) against the torch computation on the CPU. On a GPU machine this runs
+# every op's CUDA path; on the CPU it checks the harness itself.
+
+MATRIX_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def on_device(fn, device):
+    """fn with its tensor arguments moved to `device` and its floating results moved back."""
+    def wrapped(**tensors):
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in tensors.items()}
+        return [o.cpu() for o in floating(fn(**moved))]
+
+    return wrapped
+
+
+def device_cases():
+    """name -> (ours, theirs, tensors, names to poison, names with gradients, mask)."""
+    cases = {}
+    t = lstm_tensors(3, 2, 5, 16)
+    cases["lstm_layer"] = (ops.lstm_layer, reference.lstm_layer, t, list(t), list(t), pattern)
+    t = lstm_tensors(3, 2, 4, 16, P=3, seed=1)
+    cases["lstm_layer_projection"] = (ops.lstm_layer, reference.lstm_layer, t, list(t), list(t),
+                                      pattern)
+    for options in ("plain", "zloss"):
+        for reduction in ("none", "mean"):
+            kw = dict(CE_OPTIONS[options], reduction=reduction)
+            t = dict(logits=randn(3, 40, scale=2.0))
+            cases[f"cross_entropy_{options}_{reduction}"] = (
+                lambda logits, kw=kw: ops.cross_entropy(logits, TARGET.to(logits.device), **kw),
+                lambda logits, kw=kw: reference.cross_entropy(logits, TARGET, **kw),
+                t, ["logits"], ["logits"], pattern)
+        t = dict(hidden=randn(3, 6), weight=randn(40, 6, seed=1), bias=randn(40, seed=2))
+        kw = dict(CE_OPTIONS[options], reduction="mean")
+        cases[f"linear_cross_entropy_{options}"] = (
+            lambda hidden, weight, bias, kw=kw: ops.linear_cross_entropy(
+                hidden, weight, TARGET.to(hidden.device), bias, chunk_size=2, **kw),
+            lambda hidden, weight, bias, kw=kw: reference.linear_cross_entropy(
+                hidden, weight, TARGET, bias, **kw),
+            t, list(t), list(t), pattern)
+    for act in ("dynamic", "none"):
+        t = int8_tensors(7, 24, 20)
+        cases[f"int8_linear_{act}"] = (
+            lambda x, w, bias, act=act: ops.int8_linear(x, *ops.quantize_per_channel(w), bias,
+                                                        act=act),
+            lambda x, w, bias: F.linear(x, w, bias), t, list(t), (), nonfinite)
+    for p in (2.0, math.inf, 0.0):
+        t = dict(g0=randn(20), g1=randn(7, seed=1))
+        cases[f"grad_norms_{p}"] = (
+            lambda g0, g1, p=p: clip_ops.tensor_norms([g0, g1], p),
+            lambda g0, g1, p=p: torch.stack([torch.linalg.vector_norm(g, p) for g in (g0, g1)]),
+            t, list(t), (), pattern)
+    t = dict(w=randn(8, 5))
+    cases["unit_importance"] = (
+        lambda w: ops.unit_importance([w], [0], [2], "l2"),
+        lambda w: reference.unit_importance([w], [0], [2], "l2").float(), t, ["w"], (), pattern)
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(device_cases()))
+@pytest.mark.parametrize("device", MATRIX_DEVICES)
+def test_matrix_on_device(device, case):
+    ours, theirs, tensors, names, grad_names, mask = device_cases()[case]
+    problems = matrix(on_device(ours, device), theirs, tensors, names, grad_names, mask=mask)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("device", MATRIX_DEVICES)
+def test_nm_mask_on_device(device):
+    scores = randn(3, 8)
+    for value in SPECIALS:
+        bad = scores.clone()
+        bad[1, 5] = value
+        bad[2, 0] = math.nan
+        assert torch.equal(ops.nm_mask(bad.to(device), 2, 4).cpu(), reference.nm_mask(bad, 2, 4))
+
+
 # ---- every op and module is in the matrix ------------------------------------------------------
 
 COVERED = {
