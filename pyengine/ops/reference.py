@@ -15,11 +15,18 @@ def lstm_layer(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch
                reverse=False):
     """Reference of ops.lstm_layer: returns output [T,N,P], h_n [N,P], c_n [N,H]."""
     T, N, _ = input.shape
+    return _recurrence(lambda t, B: input[t, :B] @ w_ih.t(), T, N, h0, c0, w_hh, b_ih, b_hh,
+                       w_hr, batch_sizes, reverse)
+
+
+def _recurrence(projection, T, N, h0, c0, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    """The LSTM recurrence over T steps; projection(t, B): the input projection [B, 4H] of the
+    first B rows of step t."""
     h, c = h0, c0
     outputs = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         B = int(batch_sizes[t]) if batch_sizes is not None else N
-        gates = input[t, :B] @ w_ih.t() + h[:B] @ w_hh.t()
+        gates = projection(t, B) + h[:B] @ w_hh.t()
         if b_ih is not None:
             gates = gates + b_ih
         if b_hh is not None:
@@ -36,10 +43,12 @@ def lstm_layer(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch
 
 
 def embedding_lstm_layer(tokens, table, h0, c0, w_hh, reverse=False):
-    """Reference of ops.embedding_lstm_layer: lstm_layer over table rows as input projections
-    (an identity input weight applied to table[tokens])."""
-    eye = torch.eye(table.shape[1], dtype=table.dtype, device=table.device)
-    return lstm_layer(table[tokens], h0, c0, eye, w_hh, reverse=reverse)
+    """Reference of ops.embedding_lstm_layer: the lstm_layer recurrence with table rows as the
+    input projections (gathered, not multiplied by an identity, which would spread a NaN or
+    inf of one gate to all through 0 * inf)."""
+    T, N = tokens.shape
+    return _recurrence(lambda t, B: table[tokens[t, :B]], T, N, h0, c0, w_hh, None, None, None,
+                       None, reverse)
 
 
 # ---- gradient clipping ---------------------------------------------------------------------------

@@ -275,6 +275,21 @@ def test_embedding_lstm(cap, path, H):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("H", (3, 16, 24))
+@pytest.mark.parametrize("cap, path", LSTM_VARIANTS)
+def test_embedding_lstm_layer(cap, path, H):
+    """The layer over a given table: a special value in a table row reaches the gate it sits
+    in, at the positions holding that token (the reference gathers the rows as well)."""
+    tokens = torch.tensor([[0, 1], [2, 3], [1, 1]])
+    tensors = dict(table=randn(4, 4 * H), h0=randn(2, H, seed=1), c0=randn(2, H, seed=2),
+                   w_hh=randn(4 * H, H, seed=3, scale=0.5))
+    names = list(tensors)
+    problems = matrix(lambda **t: ops.embedding_lstm_layer(tokens, **t),
+                      lambda **t: reference.embedding_lstm_layer(tokens, **t), tensors, names,
+                      names, context=kernels(cap, path))
+    assert not problems, "\n".join(problems)
+
+
 # ---- LSTM modules against torch.nn ------------------------------------------------------------
 
 
@@ -725,34 +740,69 @@ def _cpu(values) -> list:
 
 
 @triton_only
-def test_triton_lstm_layer():
+@pytest.mark.parametrize("P", [0, 2], ids=["no_projection", "projection"])
+def test_triton_lstm_layer(P):
     from pyengine.kernels import lstm as triton_lstm
 
-    tensors = lstm_tensors(2, 2, 3, 3)
+    tensors = lstm_tensors(2, 2, 3, 3, P=P)
     names = list(tensors)
 
-    def ours(input, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        args = _on_device(dict(input=input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih,
-                               b_hh=b_hh))
-        fwd = triton_lstm.lstm_layer_forward(*args.values(), None, None, False)
-        output, h_n, c_n, gates, cells = fwd
+    def ours(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None):
+        a = _on_device(dict(input=input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih,
+                            b_hh=b_hh))
+        w_hr = w_hr.to(DEVICE) if w_hr is not None else None
+        output, h_n, c_n, gates, cells = triton_lstm.lstm_layer_forward(
+            *a.values(), w_hr, None, False)
+        empty = torch.empty(0, device=DEVICE)
         grads = triton_lstm.lstm_layer_backward(
-            torch.ones_like(output), torch.empty(0, device=DEVICE),
-            torch.empty(0, device=DEVICE), args["input"], args["h0"], args["c0"], args["w_ih"],
-            args["w_hh"], None, None, output, gates, cells, False, True, True)
-        return _cpu([output, h_n, c_n] + list(grads[:6]))
+            torch.ones_like(output), empty, empty, a["input"], a["h0"], a["c0"], a["w_ih"],
+            a["w_hh"], w_hr, None, output, gates, cells, False, True, True)
+        # grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias (b_ih's), grad_w_hr
+        return _cpu([output, h_n, c_n] + list(grads[:6]) + ([grads[6]] if P else []))
 
     def theirs(**t):
         leaves = {k: v.clone().requires_grad_() for k, v in t.items()}
         output, h_n, c_n = reference.lstm_layer(**leaves)
         grads = torch.autograd.grad(output, list(leaves.values()), torch.ones_like(output))
-        return [output, h_n, c_n] + list(grads[:6])
+        return [output, h_n, c_n] + list(grads[:6]) + ([grads[7]] if P else [])
 
     problems = []
     for name in names:
         index = tensors[name].numel() - 1
         for value in SPECIALS:
             bad = poisoned(tensors, name, index, value)
+            problems += compare(ours(**bad), theirs(**bad), f"{name}={value}")
+    assert not problems, "\n".join(problems)
+
+
+@triton_only
+def test_triton_embedding_lstm_layer():
+    from pyengine.kernels import lstm as triton_lstm
+
+    H = 3
+    tokens = torch.tensor([[0, 1], [2, 1]])
+    tensors = dict(table=randn(3, 4 * H), h0=randn(2, H, seed=1), c0=randn(2, H, seed=2),
+                   w_hh=randn(4 * H, H, seed=3, scale=0.5))
+
+    def ours(table, h0, c0, w_hh):
+        a = _on_device(dict(tokens=tokens, table=table, h0=h0, c0=c0, w_hh=w_hh))
+        output, h_n, c_n, gates, cells = triton_lstm.embedding_lstm_layer_forward(
+            *a.values(), False)
+        empty = torch.empty(0, device=DEVICE)
+        grads = triton_lstm.embedding_lstm_layer_backward(
+            torch.ones_like(output), empty, empty, *a.values(), output, gates, cells, False)
+        return _cpu([output, h_n, c_n] + list(grads))
+
+    def theirs(**t):
+        leaves = {k: v.clone().requires_grad_() for k, v in t.items()}
+        output, h_n, c_n = reference.embedding_lstm_layer(tokens, **leaves)
+        grads = torch.autograd.grad(output, list(leaves.values()), torch.ones_like(output))
+        return [output, h_n, c_n] + list(grads)
+
+    problems = []
+    for name in tensors:
+        for value in SPECIALS:
+            bad = poisoned(tensors, name, tensors[name].numel() - 1, value)
             problems += compare(ours(**bad), theirs(**bad), f"{name}={value}")
     assert not problems, "\n".join(problems)
 
@@ -825,7 +875,7 @@ def test_triton_int8_linear(act):
         q, scale = ops.quantize_per_channel(w)
         packed, wsum = triton_int8.pack_weight(q.to(DEVICE))
         out = triton_int8.int8_linear(x.to(DEVICE), packed, wsum, scale.to(DEVICE), None, 5,
-                                      act, False, block_m=16, block_n=16, block_k=16)
+                                      act, False, block_m=16, block_n=16, block_k=32)
         return _cpu([out])
 
     problems = []
