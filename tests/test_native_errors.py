@@ -74,6 +74,14 @@ CASES = {
         "linear_cross_entropy_forward",
         "args = (t(4, 3), t(7, 3), None, torch.tensor([0, 1, 70, 2]), None, None, -100, 0.0, 0.0, "
         "0.0, 1, True, False, 0)"),
+    "cross_entropy_forward: gamma NaN (it acted as gamma = 0)": (
+        "cross_entropy_forward",
+        "args = (t(4, 7), torch.tensor([0, 1, 2, 3]), None, None, -100, 0.0, float('nan'), 0.0, "
+        "1, True)"),
+    "linear_cross_entropy: negative z_loss": (
+        "linear_cross_entropy",
+        "args = (t(4, 3), t(7, 3), None, torch.tensor([0, 1, 2, 3]), None, None, -100, 0.0, 0.0, "
+        "-1.0, 1, False, 0)"),
     "linear_cross_entropy: class weights of the wrong length": (
         "linear_cross_entropy",
         "args = (t(4, 3), t(7, 3), None, torch.tensor([0, 1, 2, 3]), t(5), None, -100, 0.0, 0.0, "

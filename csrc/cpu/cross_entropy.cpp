@@ -79,12 +79,16 @@ void row_sums(const double* x, int64_t C, double m, const double* w, bool smooth
   *wsum = sw;
 }
 
-// e_j <- a * e_j - b * w_j   (w_j = 1 without class weights)
+// e_j <- a * e_j - b * w_j   (w_j = 1 without class weights; no w_j term at all when b = 0)
 void row_finish(float* e, int64_t C, double a, double b, const float* w) {
   kernels().cross_entropy.row_finish(e, C, a, b, w);
 }
 
 void row_finish(double* e, int64_t C, double a, double b, const double* w) {
+  if (b == 0) {
+    for (int64_t j = 0; j < C; ++j) e[j] = a * e[j];
+    return;
+  }
   for (int64_t j = 0; j < C; ++j) e[j] = a * e[j] - b * (w ? w[j] : 1.0);
 }
 
@@ -122,10 +126,14 @@ RowResult ce_row(const T* x, int64_t t, double s, const T* w, const Options& o, 
   const double x_t = static_cast<double>(x[t]);  // read before dx (maybe x) is written
   double sw = 0, se = 0;
   const double m = row_max(x, C);
-  if (want_argmax) {  // the first index holding the max, as torch.argmax
+  if (want_argmax) {  // the first index holding the max (or the first NaN), as torch.argmax
     int64_t arg = 0;
-    const T mx = static_cast<T>(m);
-    while (arg < C && x[arg] != mx) ++arg;
+    if (std::isnan(m)) {
+      while (arg < C && !std::isnan(x[arg])) ++arg;
+    } else {
+      const T mx = static_cast<T>(m);
+      while (arg < C && x[arg] != mx) ++arg;
+    }
     r.correct = arg == t;
   }
   row_sums(x, C, m, w, smooth, dx, &se, &sw);  // dx now holds exp(x - m)
@@ -147,15 +155,25 @@ RowResult ce_row(const T* x, int64_t t, double s, const T* w, const Options& o, 
     }
   }
   r.lse = lse;
-  r.loss = s * (F * A + o.z * lse * lse);
+  r.loss = s * (F * A + (o.z > 0 ? o.z * lse * lse : 0.0));
   if (dx) {
+    // dx_k = g s (P p_k - Wc w_k - [k == t] Tc). A term enters only when its option is on, so
+    // that an option at 0 never multiplies an infinite or NaN value into the gradient (an
+    // unused NaN class weight through eps = 0, an infinite loss through gamma = 0).
+    double P = F * (1 - o.eps) * wt, Tc = P, Wc = 0;
+    if (smooth) {
+      Wc = F * o.eps / C;
+      P += Wc * o.w_total;
+    }
+    if (o.gamma > 0) {
+      P += A * G;
+      Tc += A * G;
+    }
+    if (o.z > 0) P += 2 * o.z * lse;
     const double gs = g * s;
-    const double coef_p = gs * (F * ((1 - o.eps) * wt + o.eps / C * o.w_total) + A * G +
-                                2 * o.z * lse);
-    const double coef_w = gs * F * o.eps / C;
-    const double coef_t = gs * (F * (1 - o.eps) * wt + A * G);
-    row_finish(dx, C, coef_p / se, coef_w, w);  // p_j = exp(x_j - m) / se
-    dx[t] = static_cast<T>(coef_p * std::exp(logp_t) - coef_w * wt - coef_t);
+    row_finish(dx, C, gs * P / se, smooth ? gs * Wc : 0.0, w);  // p_j = exp(x_j - m) / se
+    // the target's element scaled last, as torch scales the element's gradient by s
+    dx[t] = static_cast<T>(gs * (P * std::exp(logp_t) - Wc * wt - Tc));
   }
   return r;
 }
@@ -226,6 +244,13 @@ template <typename T>
 Prepared<T> prepare(const Tensor& target, const std::optional<Tensor>& weight,
                     const std::optional<Tensor>& sample_weight, int64_t C, int64_t ignore_index,
                     double eps, double gamma, double z) {
+  // The Python layer refuses these by name; a NaN gamma would otherwise act as gamma = 0.
+  TORCH_CHECK(eps >= 0 && eps <= 1, "pyengine cross_entropy: label_smoothing must be in [0, 1], "
+              "got ", eps);
+  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0, "pyengine cross_entropy: gamma must be a "
+              "finite number >= 0, got ", gamma);
+  TORCH_CHECK(std::isfinite(z) && z >= 0, "pyengine cross_entropy: z_loss must be a finite "
+              "number >= 0, got ", z);
   Prepared<T> p;
   p.target = target.contiguous();
   p.tp = p.target.template data_ptr<int64_t>();

@@ -11,7 +11,8 @@
 //     one thread in a fixed order, and tensors are added in list order.
 //   nm_mask(scores, n, m)
 //     Semi-structured N:M mask of a 2-D tensor: in every group of m consecutive elements of a
-//     row, the n largest scores are kept (ties: the lower index), the rest are 0. bool result.
+//     row, the n largest scores are kept (ties: the lower index; NaN ranks above every number,
+//     as in torch.sort), the rest are 0. bool result.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -107,7 +108,7 @@ Tensor unit_importance(at::TensorList weights, at::TensorList grads, at::IntArra
   TORCH_CHECK((int64_t)dims.size() == n && (int64_t)blocks.size() == n,
               "unit_importance: dims and blocks need one entry per weight (", n, "), got ",
               dims.size(), " and ", blocks.size());
-  TORCH_CHECK(units >= 1, "unit_importance: units must be >= 1, got ", units);
+  TORCH_CHECK(units >= 0, "unit_importance: units must be >= 0, got ", units);
   if (kind == Kind::Taylor) {
     TORCH_CHECK((int64_t)grads.size() == n, "unit_importance: kind 'taylor' needs one grad per "
                 "weight (", n, "), got ", grads.size());
@@ -135,6 +136,9 @@ Tensor unit_importance(at::TensorList weights, at::TensorList grads, at::IntArra
                   "] in shape, dtype and device");
     }
     any_double = any_double || w.scalar_type() == at::kDouble;
+  }
+  if (units == 0) {  // an empty group: no scores (and no unit to divide a dimension by)
+    return at::empty({0}, weights[0].options().dtype(any_double ? at::kDouble : at::kFloat));
   }
   std::vector<double> acc(units, 0.0);
   for (int64_t i = 0; i < n; ++i) {
@@ -180,11 +184,16 @@ Tensor nm_mask(const Tensor& scores_in, int64_t n, int64_t m) {
       for (int64_t gi = gb; gi < ge; ++gi) {
         const scalar_t* sg = s + gi * m;
         bool* out = mp + gi * m;
-        // element j is kept when fewer than n elements beat it (greater, or equal and earlier)
+        // element j is kept when fewer than n elements beat it (greater, or equal and earlier);
+        // NaN ranks above every number, as in torch.sort, so a group keeps exactly n
         for (int64_t j = 0; j < m; ++j) {
+          const bool nan_j = std::isnan(sg[j]);
           int64_t beaten_by = 0;
           for (int64_t k = 0; k < m; ++k) {
-            beaten_by += (sg[k] > sg[j]) || (sg[k] == sg[j] && k < j);
+            const bool nan_k = std::isnan(sg[k]);
+            const bool greater = nan_k ? !nan_j : (!nan_j && sg[k] > sg[j]);
+            const bool equal = nan_k ? nan_j : sg[k] == sg[j];
+            beaten_by += greater || (equal && k < j);
           }
           out[j] = beaten_by < n;
         }

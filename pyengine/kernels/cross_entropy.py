@@ -64,6 +64,7 @@ if _HAS_TRITON:
             w_total = tl.load(w_total_ptr)
         sw = 0.0
         arg = tl.full((), 0, tl.int32)
+        first_nan = tl.full((), C, tl.int32)
         m = tl.full((), -float("inf"), tl.float32)
         for start in range(0, C, BLOCK):
             idx = start + offs
@@ -73,7 +74,13 @@ if _HAS_TRITON:
             if WANT_ARGMAX:
                 bi = tl.min(tl.where(xb == bm, idx, C), axis=0)
                 arg = tl.where(bm > m, bi, arg)
+            # tl.max / tl.maximum drop NaN: the first NaN is tracked apart
+            first_nan = tl.minimum(first_nan, tl.min(tl.where(xb != xb, idx, C), axis=0))
             m = tl.maximum(m, bm)
+        # a row holding NaN has max NaN (as on the CPU) and its argmax is the first NaN, as
+        # torch.argmax
+        m = tl.where(first_nan < C, float("nan"), m)
+        arg = tl.where(first_nan < C, first_nan, arg)
         acc_e = tl.zeros([BLOCK], dtype=tl.float32)
         acc_w = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, C, BLOCK):
@@ -108,7 +115,9 @@ if _HAS_TRITON:
             F = tl.where(omp > 0, tl.exp2(gamma * log_omp), 0.0)
             G_pos = gamma * p_t * tl.exp2((gamma - 1.0) * log_omp)
             G = tl.where(omp > 0, G_pos, tl.where(gamma == 1.0, p_t, 0.0))
-        loss = s * (F * A + z * lse * lse)
+        loss = s * F * A
+        if z > 0:
+            loss += s * z * lse * lse
         tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
         tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
         if WANT_ARGMAX:
@@ -119,19 +128,32 @@ if _HAS_TRITON:
             else:
                 g = tl.load(g_ptr).to(tl.float32)
             gs = tl.where(valid, g * s, 0.0)
-            coef_p = gs * (F * ((1.0 - eps) * wt + eps / C * w_total) + A * G + 2.0 * z * lse)
-            coef_w = gs * F * eps / C
-            coef_t = gs * (F * (1.0 - eps) * wt + A * G)
+            # dx_k = gs (P p_k - Wc w_k - [k == t] Tc), as on the CPU: a term enters only when
+            # its option is on (an option at 0 never multiplies an infinite or NaN value in)
+            P = F * (1.0 - eps) * wt
+            Tc = P
+            if SMOOTH:
+                P += F * eps / C * w_total
+            if FOCAL:
+                P += A * G
+                Tc += A * G
+            if z > 0:
+                P += 2.0 * z * lse
             dx_row = dx_ptr + row * dx_stride
             for start in range(0, C, BLOCK):
                 idx = start + offs
                 mask = idx < C
                 xb = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
-                wb = 1.0
-                if HAS_W:
-                    wb = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-                d = coef_p * tl.exp((xb - m) - lse_rel) - coef_w * wb
-                d = tl.where(idx == t_safe, d - coef_t, d)
+                p = tl.exp((xb - m) - lse_rel)
+                d = (gs * P) * p
+                at_t = P * p - Tc  # the target's element is scaled last, as torch scales by s
+                if SMOOTH:
+                    wb = 1.0
+                    if HAS_W:
+                        wb = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                    d -= (gs * F * eps / C) * wb
+                    at_t -= F * eps / C * wb
+                d = tl.where(idx == t_safe, gs * at_t, d)
                 tl.store(dx_row + idx, d.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -1,8 +1,8 @@
 """Triton (GPU) path of the int8 linear ops (CPU: csrc/cpu/int8.cpp; schemas in csrc/ops.cpp).
 
-- `_quantize_rows`: one program per row of x: sx = max|x| / 127 (1 for a zero row) and
-  xq = round-half-even(x / sx) in [-127, 127] as int8 (the same values as the CPU kernel and
-  reference.quantize_rows).
+- `_quantize_rows`: one program per row of x: sx = max|x| / 127 (1 for a zero row, NaN for a
+  row holding NaN or inf) and xq = round-half-even(x / sx) in [-127, 127] as int8 (0 in a NaN
+  row): the same values as the CPU kernel and reference.quantize_rows.
 - `_int8_matmul`: a BLOCK_M x BLOCK_N tile per program, `tl.dot` of int8 tiles with int32
   accumulation over K (masked tails in every dimension), and the fused epilogue: raw int32, or
   acc * sx[m] * sw[n] + bias[n] (ACT_DYNAMIC), or, weight-only (ACT_NONE), x tiles in their own
@@ -49,19 +49,24 @@ if triton is not None:
     def _quantize_rows(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK_K: tl.constexpr):
         m = tl.program_id(0)
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        nonfinite = tl.zeros([BLOCK_K], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             v = tl.load(x_ptr + m * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-            # a row holding NaN gets the scale NaN: its outputs stay NaN, as F.linear's
-            amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+            # tl.maximum drops NaN (on the GPU and in the interpreter): NaN and inf are counted
+            nonfinite += ((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32)
+            amax = tl.maximum(amax, tl.abs(v))
         a = tl.max(amax, axis=0)
-        s = tl.where(a > 0, a / 127.0, 1.0)
+        diverged = tl.sum(nonfinite, axis=0) > 0
+        # a row holding NaN or inf gets scale NaN (its outputs NaN) and q = 0, as on the CPU
+        s = tl.where(diverged, float("nan"), tl.where(a > 0, a / 127.0, 1.0))
         tl.store(s_ptr + m, s)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             v = tl.load(x_ptr + m * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
             q = _round_half_even(v / s)
             q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+            q = tl.where(diverged, 0.0, q)
             tl.store(q_ptr + m * K + offs, q.to(tl.int8), mask=offs < K)
 
     @triton.jit

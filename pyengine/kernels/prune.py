@@ -9,7 +9,8 @@ U+u, ... (blocks), reduced over the columns; along dim 1 it owns columns u, U+u,
 over the rows.
 
 nm_mask: one program per BLOCK groups of m consecutive scores; element j is kept when fewer
-than n elements of its group beat it (greater, or equal with a lower index) -- the CPU rule.
+than n elements of its group beat it (greater, or equal with a lower index; NaN ranks above
+every number) -- the CPU rule.
 
 Without a GPU these drivers run on CPU tensors under TRITON_INTERPRET=1 (the tests do).
 """
@@ -73,10 +74,15 @@ if _HAS_TRITON:
         gmask = gi < groups
         for j in range(0, M):
             sj = tl.load(s_ptr + gi * M + j, mask=gmask, other=0.0)
+            nan_j = sj != sj
             beaten = tl.zeros([BLOCK], tl.int32)
             for k in range(0, M):
                 sk = tl.load(s_ptr + gi * M + k, mask=gmask, other=0.0)
-                beaten += ((sk > sj) | ((sk == sj) & (k < j))).to(tl.int32)
+                nan_k = sk != sk
+                # NaN ranks above every number (torch.sort's order)
+                greater = tl.where(nan_k, ~nan_j, ~nan_j & (sk > sj))
+                equal = tl.where(nan_k, nan_j, sk == sj)
+                beaten += (greater | (equal & (k < j))).to(tl.int32)
             tl.store(out_ptr + gi * M + j, (beaten < N).to(tl.int8), mask=gmask)
 
 
@@ -87,6 +93,8 @@ def unit_importance(weights, grads, dims, blocks, units, kind, *, block_u: int =
     device = weights[0].device
     partial = torch.zeros(len(weights), units, dtype=torch.float32, device=device)
     for i, w in enumerate(weights):
+        if units == 0 or w.numel() == 0:  # nothing to add (and no empty grid to launch)
+            continue
         w2 = w.reshape(-1, 1) if w.dim() == 1 else w
         g2 = None
         if code == 2:

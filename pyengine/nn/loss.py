@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pyengine import ops
+from pyengine.ops.cross_entropy import check_loss_options
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -41,12 +42,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         z_loss: float = 0.0,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        if z_loss < 0:
-            raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-        self.gamma = float(gamma)
-        self.z_loss = float(z_loss)
+        _, self.gamma, self.z_loss = check_loss_options(label_smoothing, gamma, z_loss)
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None
@@ -108,12 +104,11 @@ class LinearCrossEntropyLoss(nn.Module):
         chunk_size: int = 0,
     ) -> None:
         super().__init__()
+        self.label_smoothing, self.gamma, self.z_loss = check_loss_options(label_smoothing, gamma,
+                                                                           z_loss)
         self.register_buffer("class_weight", class_weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
-        self.label_smoothing = float(label_smoothing)
-        self.gamma = float(gamma)
-        self.z_loss = float(z_loss)
         self.return_correct = return_correct
         self.chunk_size = chunk_size
 

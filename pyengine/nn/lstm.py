@@ -327,6 +327,8 @@ class LSTMCell(nn.Module):
                 check_tensor(value, name)
                 if tuple(value.shape) != expected:
                     raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+                if value.device != input.device:
+                    raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
             if not batched:
                 h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
         _, h1, c1 = self._layer_function()(x.unsqueeze(0), h0, c0, *self._cell_weights())

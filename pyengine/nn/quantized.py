@@ -2,8 +2,12 @@
 
 Both keep their weights as int8 `qweight` + float32 per-row `scale` (+ float32 biases): that is
 all their state_dict holds (about a quarter of the float32 size). The kernels' packed layout of a
-weight is made on first use and remade whenever the int8 weight changes (e.g. after
-load_state_dict), never saved. Inference only: no gradients flow through them.
+weight is made on first use and remade whenever a buffer is replaced or changed in place (any
+torch in-place op, load_state_dict), never saved. A change is seen through the tensor's version
+counter, without reading the weight on every call; writes that bypass that counter (through
+`.data`, a NumPy view, or in place on a tensor made under torch.inference_mode, which keeps no
+counter) are not seen: assign a new tensor instead. Inference only: no gradients flow through
+them.
 
 QuantizedLSTM computes in int8 too: per layer and direction the input projection of all steps is
 one int8 matmul, and every step multiplies the hidden state by w_hh in int8 inside the C++ time
@@ -22,6 +26,26 @@ from torch import nn
 from pyengine.nn.lstm import LSTM, LSTMCell
 from pyengine.ops.int8 import ACTS, _int8_linear, int8_linear, pack_weight, quantize_per_channel
 from pyengine.ops.int8_lstm import Int8Weight, int8_lstm_layer
+
+
+def _states(tensors) -> tuple:
+    """What tells that a tensor still holds what it held, without reading it: the object itself,
+    its storage address and its version counter (inference tensors keep none)."""
+    return tuple(None if t is None else
+                 (t, t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
+
+
+def _unchanged(saved: tuple | None, current: tuple) -> bool:
+    """Whether `current` (from _states) describes the same tensors, unchanged, as `saved`."""
+    if saved is None or len(saved) != len(current):
+        return False
+    for a, b in zip(saved, current):
+        if a is None or b is None:
+            if a is not b:
+                return False
+        elif a[0] is not b[0] or a[1:] != b[1:]:
+            return False
+    return True
 
 
 class Int8Linear(nn.Module):
@@ -48,9 +72,9 @@ class Int8Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, device=device))
         else:
             self.bias = None
-        self._packed_key = None
+        self._packed_state = None  # _states((qweight,)) the packed copy was made from
         self._packed = None
-        self._checked = None
+        self._checked_state = None  # _states((qweight, scale, bias)) last validated
 
     @classmethod
     def from_float(cls, linear: nn.Linear, act: str = "dynamic") -> Int8Linear:
@@ -72,10 +96,11 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scale[:, None]
 
     def _packed_weight(self):
-        key = (self.qweight.data_ptr(), self.qweight._version, self.qweight.device)
-        if self._packed is None or self._packed_key != key:
+        """pack_weight(qweight), remade when qweight is replaced or changed in place."""
+        state = _states((self.qweight,))
+        if self._packed is None or not _unchanged(self._packed_state, state):
             self._packed = pack_weight(self.qweight)
-            self._packed_key = key
+            self._packed_state = state
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,13 +108,15 @@ class Int8Linear(nn.Module):
         if dtype != torch.float32:
             return self.forward(x.float()).to(dtype)
         packed = self._packed_weight()
-        if (packed is self._checked and x.dim() >= 1 and x.shape[-1] == self.in_features
-                and x.device == self.qweight.device):
-            # weights validated when packed: only x needed checking (hot path of generation)
+        state = _states((self.qweight, self.scale, self.bias))
+        if (_unchanged(self._checked_state, state) and x.dim() >= 1
+                and x.shape[-1] == self.in_features and x.device == self.qweight.device):
+            # the buffers are those validated last, unchanged: only x needed checking (the hot
+            # path of generation)
             return _int8_linear(x, self.qweight, self.scale, self.bias, ACTS[self.act], packed,
                                 raw=False)
         y = int8_linear(x, self.qweight, self.scale, self.bias, self.act, packed=packed)
-        self._checked = packed
+        self._checked_state = state
         return y
 
     def extra_repr(self) -> str:
@@ -112,7 +139,7 @@ class _Int8Weights:
                 self.register_buffer(name + "_scale", torch.ones(param.shape[0]))
             else:
                 self.register_buffer(name, torch.zeros(param.shape))
-        self._cache_key = None
+        self._cache_state = None
         self._cache = None
 
     def _copy_quantized(self, source: nn.Module, names: list[str]) -> None:
@@ -137,11 +164,11 @@ class _Int8Weights:
         return self._buffers["bias_ih" + suffix] + self._buffers["bias_hh" + suffix]
 
     def _cached(self, build):
-        """build() once per version of the int8 buffers and biases."""
-        key = tuple((t.data_ptr(), t._version, t.device) for t in self._buffers.values())
-        if self._cache is None or self._cache_key != key:
+        """build() once per version of the int8 buffers and biases (see _states)."""
+        state = _states(tuple(self._buffers.values()))
+        if self._cache is None or not _unchanged(self._cache_state, state):
             self._cache = build()
-            self._cache_key = key
+            self._cache_state = state
         return self._cache
 
     def _layer_function(self):

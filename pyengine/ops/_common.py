@@ -9,6 +9,7 @@ helpers. ARCHITECTURE.md lists the files.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -110,10 +111,12 @@ def check_shape(value: torch.Tensor, name: str, expected: tuple[int, ...]) -> No
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
 
 
-def check_same_device_and_dtype(named: dict[str, torch.Tensor | None]) -> None:
-    """All given tensors share the first one's device, and dtype (unless autocast is on for
-    that device: the op's autocast rule then casts them to one)."""
-    items = [(k, v) for k, v in named.items() if v is not None]
+def check_same_device(named: dict[str, torch.Tensor | None]) -> None:
+    """ValueError naming the first tensor argument not on the device of the first one given.
+    Entries that are not tensors (None, or a wrong type the op's own checks refuse) are
+    skipped. Every op runs this before its native call: a kernel handed a tensor of another
+    device reads memory it does not own (or, on the meta device, none)."""
+    items = [(k, v) for k, v in named.items() if isinstance(v, torch.Tensor)]
     if not items:
         return
     first_name, first = items[0]
@@ -123,6 +126,40 @@ def check_same_device_and_dtype(named: dict[str, torch.Tensor | None]) -> None:
                 f"{name} is on {value.device} but {first_name} is on {first.device}; "
                 "all tensors must be on the same device"
             )
+
+
+def check_number(value, name: str, *, minimum: float | None = None,
+                 maximum: float | None = None) -> float:
+    """float(value), which must be a finite number in [minimum, maximum]; ValueError naming
+    `name` otherwise (NaN fails every comparison, so it is refused explicitly)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    low = -math.inf if minimum is None else minimum
+    high = math.inf if maximum is None else maximum
+    if not (math.isfinite(number) and low <= number <= high):
+        if minimum is not None and maximum is not None:
+            want = f"a finite number in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            want = f"a finite number >= {minimum}"
+        elif maximum is not None:
+            want = f"a finite number <= {maximum}"
+        else:
+            want = "a finite number"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return number
+
+
+def check_same_device_and_dtype(named: dict[str, torch.Tensor | None]) -> None:
+    """All given tensors share the first one's device, and dtype (unless autocast is on for
+    that device: the op's autocast rule then casts them to one)."""
+    check_same_device(named)
+    items = [(k, v) for k, v in named.items() if v is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, value in items[1:]:
         if value.dtype != first.dtype and not autocast_on(first.device):
             raise TypeError(
                 f"{name} has dtype {value.dtype} but {first_name} has {first.dtype}; "

@@ -11,6 +11,8 @@ Three native ops (schemas in csrc/ops.cpp), each ONE call over all tensors of a 
 - ``clamp_grads_(tensors, clip_value)``: clamp to [-clip_value, clip_value], NaN kept.
 
 dtypes: float32, float64, bfloat16 and float16 on CPU and CUDA, mixed freely in one list.
+Zero sizes, as torch.linalg.vector_norm and clip_grad_norm_: an empty tensor has norm 0 (its
+inf, -inf and negative-p norms are a RuntimeError), an empty list no norms and a total of 0.
 Non-contiguous tensors are handled (through a contiguous copy, copied back by the in-place ops).
 Validation is lazy: the kernels check dtypes and devices, and only when they refuse a list does
 Python look at every tensor to name the culprit (the 500-tensor case is overhead-bound).
@@ -213,8 +215,18 @@ def clamp_(
 # ---- fake kernels (shapes only), for torch.compile, FakeTensor and opcheck ---------------------
 
 
+def _one_device(tensors, op: str) -> None:
+    """The fake kernels also run for real meta tensors: a list with one (among others on the
+    CPU) reached them and got uninitialised norms, or nothing done in place. They refuse a
+    list spanning devices as the real kernels do, so the caller names the culprit (or runs the
+    op once per device)."""
+    if len({t.device for t in tensors}) > 1:
+        raise RuntimeError(f"{op}: the tensors are on more than one device")
+
+
 @register_fake("grad_norms")
 def _grad_norms_fake(tensors, norm_type):
+    _one_device(tensors, "grad_norms")
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     device = tensors[0].device if tensors else torch.device("cpu")
     return torch.empty(len(tensors), dtype=dtype, device=device)
@@ -222,12 +234,12 @@ def _grad_norms_fake(tensors, norm_type):
 
 @register_fake("scale_grads_")
 def _scale_grads_fake(tensors, coef):
-    return None
+    _one_device(tensors, "scale_grads_")
 
 
 @register_fake("clamp_grads_")
 def _clamp_grads_fake(tensors, clip_value):
-    return None
+    _one_device(tensors, "clamp_grads_")
 
 
 if torch.version.cuda is not None and triton_available():  # a CUDA build of torch

@@ -15,6 +15,12 @@ divisor for weighted cross-entropy; NaN when every target is ignored, as torch),
 "none" returns one loss per element. With gamma=0, sample_weight=None and z_loss=0 the result
 is torch.nn.functional.cross_entropy's.
 
+Zero sizes, as torch: no elements (N = 0, or a 0-sized spatial dimension) give an empty loss
+("none"), NaN ("mean": 0 / 0) or 0 ("sum"), and an empty gradient (zero for the head's weight and
+bias); hidden size 0 makes the logits the bias. 0 classes is a ValueError. NaN or +-inf in the
+logits, the head or the weights reach the loss and gradients of the rows they touch, as in
+torch; an option at 0 (label_smoothing, gamma, z_loss) contributes nothing, not 0 * inf.
+
 Backends: C++ on CPU (float32, float64; bfloat16/float16 are computed in float32 and the loss is
 returned in the input dtype), Triton on CUDA (float32, bfloat16, float16, accumulated in float32).
 Gradients flow to logits / hidden, weight and bias; class weights and sample weights are
@@ -31,6 +37,8 @@ import torch
 
 from pyengine.ops._common import (
     autocast_on,
+    check_number,
+    check_same_device,
     check_tensor,
     native,
     register_cuda_kernel,
@@ -49,15 +57,18 @@ def _check_float(value, name: str) -> None:
     check_tensor(value, name, family="cross_entropy")
 
 
+def check_loss_options(label_smoothing, gamma, z_loss) -> tuple[float, float, float]:
+    """(label_smoothing, gamma, z_loss) as floats: label_smoothing in [0, 1], gamma and z_loss
+    finite and >= 0. NaN is refused by name (a NaN gamma used to act as gamma=0)."""
+    return (check_number(label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0),
+            check_number(gamma, "gamma", minimum=0.0),
+            check_number(z_loss, "z_loss", minimum=0.0))
+
+
 def _check_options(reduction, label_smoothing, gamma, z_loss, ignore_index) -> int:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(gamma) < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if float(z_loss) < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    check_loss_options(label_smoothing, gamma, z_loss)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     return REDUCTIONS[reduction]
@@ -106,8 +117,6 @@ def _check_weight(weight, name: str, length: int, ref: torch.Tensor) -> torch.Te
     _check_float(weight, name)
     if tuple(weight.shape) != (length,):
         raise ValueError(f"{name} must have shape ({length},), got {tuple(weight.shape)}")
-    if weight.device != ref.device:
-        raise ValueError(f"{name} is on {weight.device} but the input is on {ref.device}")
     return weight.detach().to(ref.dtype)
 
 
@@ -120,9 +129,6 @@ def _check_sample_weight(sample_weight, shape: tuple, ref: torch.Tensor) -> torc
             f"sample_weight must have the target's shape {tuple(shape)}, "
             f"got {tuple(sample_weight.shape)}"
         )
-    if sample_weight.device != ref.device:
-        raise ValueError(f"sample_weight is on {sample_weight.device} but the input is on "
-                         f"{ref.device}")
     return sample_weight.detach().reshape(-1).to(ref.dtype)
 
 
@@ -162,6 +168,8 @@ def cross_entropy(
     Targets outside [0, C) other than ignore_index raise ValueError.
     """
     _check_float(logits, "logits")
+    check_same_device({"logits": logits, "target": target, "weight": weight,
+                       "sample_weight": sample_weight})
     code = _check_options(reduction, label_smoothing, gamma, z_loss, ignore_index)
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension (classes), got a scalar")
@@ -176,8 +184,6 @@ def cross_entropy(
     else:
         target_shape = (logits.shape[0], *logits.shape[2:])
     target = _check_target(target, target_shape)
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
     _check_target_values(target, C, ignore_index)
     dtype = _compute_dtype(logits)
     if logits.dim() == 1:
@@ -265,6 +271,8 @@ def linear_cross_entropy(
     """
     _check_float(hidden, "hidden")
     _check_float(weight, "weight")
+    check_same_device({"hidden": hidden, "weight": weight, "target": target, "bias": bias,
+                       "class_weight": class_weight, "sample_weight": sample_weight})
     code = _check_options(reduction, label_smoothing, gamma, z_loss, ignore_index)
     if hidden.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"hidden must be [..., H] and weight [V, H], got {tuple(hidden.shape)} "
@@ -275,19 +283,15 @@ def linear_cross_entropy(
                          f"{tuple(hidden.shape)}")
     if V == 0:
         raise ValueError("weight must have at least one row (class)")
-    if hidden.device != weight.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if hidden.dtype != weight.dtype and not autocast_on(hidden.device):
         raise TypeError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}")
     target_shape = tuple(hidden.shape[:-1])
     target = _check_target(target, target_shape)
-    if target.device != hidden.device:
-        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
     _check_target_values(target, V, ignore_index)
     if not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"chunk_size must be an int >= 0, got {chunk_size!r}")
     dtype = _compute_dtype(hidden)
-    h = hidden.reshape(-1, H).to(dtype)
+    h = hidden.reshape(target.numel(), H).to(dtype)  # (-1, H) is ambiguous when H = 0
     W = weight.to(dtype)
     b = None
     if bias is not None:

@@ -9,6 +9,11 @@ dequantizes with both scales and adds the bias. act="none" (weight-only): x stay
 weight is dequantized inside the kernel. x may have any leading dimensions. Inference only (no
 autograd). CPU: csrc/cpu/int8.cpp; CUDA: the Triton kernel in pyengine.kernels.int8.
 
+Zero sizes: no rows (M = 0) or no outputs (N = 0) give empty results; in_features 0 gives the
+bias (F.linear's answer; 0 without one), and quantize_per_channel gives an empty row scale 1.
+Non-finite values: a row of x (act="dynamic") or of the weight holding NaN or +-inf gets scale
+NaN, so the outputs it touches are NaN (int8 has no NaN or inf; F.linear gives NaN or +-inf).
+
 The kernel reads the weight in a backend-specific packed layout; `pack_weight(qweight)` makes it
 once (pyengine.nn.Int8Linear keeps it; the functional form caches it per weight tensor).
 """
@@ -16,19 +21,28 @@ once (pyengine.nn.Int8Linear keeps it; the functional form caches it per weight 
 from __future__ import annotations
 
 import collections
+import math
 import weakref
 
 import torch
 
-from pyengine.ops._common import check_tensor, native, register_cuda_kernel, register_fake
+from pyengine.ops._common import (
+    check_same_device,
+    check_tensor,
+    native,
+    register_cuda_kernel,
+    register_fake,
+)
 
 ACTS = {"dynamic": 0, "none": 1}
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-row quantization: w [N,K] float -> (qweight int8 [N,K], scale
-    float32 [N]) with w ~= qweight * scale[:, None], qweight in [-127, 127]. A row of zeros gets
-    scale 1."""
+    float32 [N]) with w ~= qweight * scale[:, None], qweight in [-127, 127]. A row of zeros (or
+    an empty row, K = 0) gets scale 1. A row holding NaN or +-inf gets scale NaN and qweight 0:
+    int8 has no NaN or inf, and a finite stand-in would hide a diverged weight, while a NaN scale
+    makes every output of that row NaN (where F.linear gives NaN or +-inf)."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
@@ -36,9 +50,12 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
     w = w.detach().float()
-    amax = w.abs().amax(dim=1)
+    finite = w.isfinite().all(dim=1)
+    amax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127)
+    q = torch.where(finite[:, None], q, torch.zeros_like(q)).to(torch.int8)
     return q, scale.contiguous()
 
 
@@ -68,9 +85,7 @@ def _check_weight(qweight, scale, bias, in_features: int | None = None) -> None:
             raise TypeError(f"bias must have dtype torch.float32, got {bias.dtype}")
         if tuple(bias.shape) != (N,):
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    for name, t in (("scale", scale), ("bias", bias)):
-        if t is not None and t.device != qweight.device:
-            raise ValueError(f"{name} is on {t.device} but qweight is on {qweight.device}")
+    check_same_device({"qweight": qweight, "scale": scale, "bias": bias})
     if in_features is not None and in_features != K:
         raise ValueError(
             f"x has {in_features} features in its last dimension but qweight expects {K} "
@@ -110,9 +125,12 @@ def int8_linear(
     check_tensor(x, "x", family="int8")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the features)")
+    if packed is not None and not (isinstance(packed, (tuple, list)) and len(packed) == 2):
+        raise TypeError("packed must be the (packed, wsum) pair from pack_weight(qweight)")
+    check_same_device({"x": x, "qweight": qweight, "scale": scale, "bias": bias,
+                       "packed[0]": None if packed is None else packed[0],
+                       "packed[1]": None if packed is None else packed[1]})
     _check_weight(qweight, scale, bias, in_features=x.shape[-1])
-    if x.device != qweight.device:
-        raise ValueError(f"x is on {x.device} but qweight is on {qweight.device}")
     return _int8_linear(x, qweight, scale, bias, ACTS[act], packed, raw=False)
 
 
@@ -155,7 +173,8 @@ def _int8_linear(x, qweight, scale, bias, act: int, packed, raw: bool) -> torch.
     if x.dim() == 2:
         return torch.ops.pyengine.int8_linear.default(x, packed[0], packed[1], scale, bias, N,
                                                       act, raw)
-    out = torch.ops.pyengine.int8_linear.default(x.reshape(-1, K), packed[0], packed[1], scale,
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, K): ambiguous when K = 0
+    out = torch.ops.pyengine.int8_linear.default(x.reshape(rows, K), packed[0], packed[1], scale,
                                                  bias, N, act, raw)
     return out.reshape(*x.shape[:-1], N)
 

@@ -8,6 +8,7 @@ w_hh in int8 (act="dynamic": h quantized per row on the fly, int32 accumulation;
 weight-only) and runs the fused cell step; a projection (proj_size) is a third int8 matmul per
 step. CPU: csrc/cpu/int8_lstm.cpp (the time loop in C++ over the int8 kernels of
 csrc/cpu/int8.cpp). CUDA: the same steps composed from the int8_linear Triton kernel.
+Zero sizes as the float LSTM (pyengine.ops.lstm), non-finite values as int8_linear.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from pyengine.ops._common import (
+    check_same_device,
     check_shape,
     check_tensor,
     native,
@@ -78,6 +80,8 @@ def int8_lstm_layer(
         raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
     check_tensor(input, "input", ndim=3, dtype=torch.float32)
     T, N, I = input.shape
+    if T == 0:
+        raise ValueError(f"input must have at least one time step, got shape {tuple(input.shape)}")
     if not isinstance(w_ih, Int8Weight) or w_ih.shape[0] % 4 or w_ih.shape[0] == 0:
         got = tuple(w_ih.shape) if isinstance(w_ih, Int8Weight) else type(w_ih).__name__
         raise ValueError(f"w_ih must be an Int8Weight of 4*hidden_size rows, got {got}")
@@ -97,10 +101,12 @@ def int8_lstm_layer(
     if bias is not None:
         check_tensor(bias, "bias", ndim=1, dtype=torch.float32)
         check_shape(bias, "bias", (4 * H,))
-    for name, t in (("h0", h0), ("c0", c0), ("w_ih", w_ih.qweight), ("w_hh", w_hh.qweight),
-                    ("bias", bias), ("w_hr", None if w_hr is None else w_hr.qweight)):
-        if t is not None and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    tensors = {"input": input, "h0": h0, "c0": c0}
+    for name, w in (("w_ih", w_ih), ("w_hh", w_hh), ("w_hr", w_hr)):
+        if w is not None:
+            tensors.update({f"{name}.{part}": getattr(w, part) for part in Int8Weight._fields})
+    tensors["bias"] = bias
+    check_same_device(tensors)
     if batch_sizes is not None:
         check_tensor(batch_sizes, "batch_sizes", ndim=1, dtype=torch.int64, floating=False)
         if batch_sizes.device.type != "cpu":

@@ -9,6 +9,12 @@ per-vocabulary table instead of computed per token. Supported dtypes: float32 an
 CPU; float32, bfloat16 and float16 on CUDA; under autocast the ops cast their inputs themselves
 (float32 on CPU, the autocast dtype on CUDA).
 
+Zero sizes: an empty batch (N = 0) gives empty outputs and gradients; input_size 0 leaves the
+biases and the recurrent term as the gates (as torch.nn.LSTMCell(0, H)); a sequence of 0 steps
+and 0 hidden units are a ValueError (torch.nn.LSTM refuses both), as is an empty embedding table.
+NaN and +-inf propagate as in torch.nn.LSTM: sigmoid and tanh saturate exactly at +-inf, so a
+saturated gate's derivative is 0 and 0 * inf gives NaN where torch's does.
+
 Each function here validates its arguments and calls one public op (torch.ops.pyengine.
 lstm_layer, lstm_stack or embedding_lstm_layer), whose derivative and autocast rules live in
 csrc/autograd/lstm.cpp: the same route for eager calls, torch.compile, CPU and CUDA.
@@ -22,6 +28,7 @@ import torch
 
 from pyengine.ops._common import (
     autocast_on,
+    check_same_device,
     check_same_device_and_dtype,
     check_shape,
     check_tensor,
@@ -118,11 +125,8 @@ def _validate_embedding_layer(tokens, table, h0, c0, w_hh) -> None:
     check_tensor(c0, "c0", ndim=2)
     check_shape(h0, "h0", (N, H))
     check_shape(c0, "c0", (N, H))
+    check_same_device({"tokens": tokens, "table": table, "h0": h0, "c0": c0, "w_hh": w_hh})
     check_same_device_and_dtype({"table": table, "h0": h0, "c0": c0, "w_hh": w_hh})
-    if tokens.device != table.device:
-        raise ValueError(
-            f"tokens must be on the table's device {table.device}, got {tokens.device}"
-        )
     # The range is data: checked here in eager mode, and by the kernels themselves (which is
     # what a compiled graph relies on).
     if tokens.numel() > 0 and not torch.compiler.is_compiling():
@@ -174,6 +178,12 @@ def embedding_lstm(
         raise ValueError(
             f"weights must hold {num_layers * directions} layer tuples, got {len(weights)}"
         )
+    # The table is computed before any op validates its operands: the devices are checked here.
+    named = {"tokens": tokens, "embedding": embedding, "h0": h0, "c0": c0}
+    for index, layer_weights in enumerate(weights[:directions]):
+        named.update({f"{name} (layer-direction {index})": w
+                      for name, w in zip(("w_ih", "w_hh", "b_ih", "b_hh"), layer_weights)})
+    check_same_device(named)
     outputs, h_n, c_n = [], [], []
     for direction in range(directions):
         w_ih, w_hh, b_ih, b_hh, w_hr = weights[direction]

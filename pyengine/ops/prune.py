@@ -9,9 +9,11 @@ Triton, pyengine/kernels/prune.py):
   1: columns) whose size is ``blocks[i] * units``; index j of that dim belongs to unit
   ``j % units`` (an LSTM weight_ih [4H, I] has blocks=4: the unit's row in every gate).
   kind "l1": sum |w|; "l2": sqrt(sum w^2); "taylor": sum |w * grad| (first-order Taylor; the
-  caller accumulates it over batches). float32 result (float64 when a weight is float64).
+  caller accumulates it over batches). float32 result (float64 when a weight is float64). A
+  group of 0 units gives an empty result; a unit with no elements scores 0.
 - ``nm_mask(scores, n, m) -> bool Tensor``: in every group of m consecutive elements of each
-  row of a 2-D tensor, the n largest scores are kept (ties: the lower index first).
+  row of a 2-D tensor, the n largest scores are kept (ties: the lower index first; NaN ranks
+  above every number, as in torch.sort, so a group always keeps exactly n).
 
 dtypes: float32 and float64 on CPU; float32, bfloat16, float16 on CUDA (accumulated in float32).
 These ops have no gradient (scores and masks are not differentiable).
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from pyengine.ops._common import (
+    check_same_device,
     check_tensor,
     native,
     register_cuda_kernel,
@@ -57,11 +60,8 @@ def unit_importance(
         raise ValueError(f"dims and blocks need one entry per weight ({len(weights)}), got "
                          f"{len(dims)} and {len(blocks)}")
     units = None
-    device = weights[0].device
     for i, (w, d, b) in enumerate(zip(weights, dims, blocks)):
         _check_weight(w, f"weights[{i}]")
-        if w.device != device:
-            raise ValueError(f"weights[{i}] is on {w.device}, weights[0] on {device}")
         if not 0 <= d < w.dim():
             raise ValueError(f"dims[{i}] must be in [0, {w.dim()}) for weights[{i}] of shape "
                              f"{tuple(w.shape)}, got {d}")
@@ -74,20 +74,21 @@ def unit_importance(
         elif u != units:
             raise ValueError(f"weights[{i}] has {u} units along dim {d} (blocks {b}), "
                              f"weights[0] has {units}: a group's tensors must agree")
-    if units == 0:
-        raise ValueError("the weight group has 0 units")
     if kind == "taylor":
         if grads is None or len(grads) != len(weights):
             raise ValueError("kind='taylor' needs grads: one gradient per weight")
-        grads = [g.detach() for g in grads]
         for i, (g, w) in enumerate(zip(grads, weights)):
             if not isinstance(g, torch.Tensor) or g.shape != w.shape or g.dtype != w.dtype:
                 raise ValueError(f"grads[{i}] must match weights[{i}] (shape {tuple(w.shape)}, "
                                  f"dtype {w.dtype})")
+        grads = [g.detach() for g in grads]
     else:
         if grads is not None:
             raise ValueError(f"grads are only used by kind='taylor', got kind={kind!r}")
         grads = []
+    named = {f"weights[{i}]": w for i, w in enumerate(weights)}
+    named.update({f"grads[{i}]": g for i, g in enumerate(grads)})
+    check_same_device(named)
     return native("unit_importance")(weights, grads, dims, blocks, units, kind)
 
 

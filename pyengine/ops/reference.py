@@ -15,11 +15,18 @@ def lstm_layer(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch
                reverse=False):
     """Reference of ops.lstm_layer: returns output [T,N,P], h_n [N,P], c_n [N,H]."""
     T, N, _ = input.shape
+    return _recurrence(lambda t, B: input[t, :B] @ w_ih.t(), T, N, h0, c0, w_hh, b_ih, b_hh,
+                       w_hr, batch_sizes, reverse)
+
+
+def _recurrence(projection, T, N, h0, c0, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    """The LSTM recurrence over T steps; projection(t, B): the input projection [B, 4H] of the
+    first B rows of step t."""
     h, c = h0, c0
     outputs = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         B = int(batch_sizes[t]) if batch_sizes is not None else N
-        gates = input[t, :B] @ w_ih.t() + h[:B] @ w_hh.t()
+        gates = projection(t, B) + h[:B] @ w_hh.t()
         if b_ih is not None:
             gates = gates + b_ih
         if b_hh is not None:
@@ -36,10 +43,12 @@ def lstm_layer(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch
 
 
 def embedding_lstm_layer(tokens, table, h0, c0, w_hh, reverse=False):
-    """Reference of ops.embedding_lstm_layer: lstm_layer over table rows as input projections
-    (an identity input weight applied to table[tokens])."""
-    eye = torch.eye(table.shape[1], dtype=table.dtype, device=table.device)
-    return lstm_layer(table[tokens], h0, c0, eye, w_hh, reverse=reverse)
+    """Reference of ops.embedding_lstm_layer: the lstm_layer recurrence with table rows as the
+    input projections (gathered, not multiplied by an identity, which would spread a NaN or
+    inf of one gate to all through 0 * inf)."""
+    T, N = tokens.shape
+    return _recurrence(lambda t, B: table[tokens[t, :B]], T, N, h0, c0, w_hh, None, None, None,
+                       None, reverse)
 
 
 # ---- gradient clipping ---------------------------------------------------------------------------
@@ -130,7 +139,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, class_weight=None, i
                          reduction="mean", label_smoothing=0.0, gamma=0.0, sample_weight=None,
                          z_loss=0.0):
     """Reference of ops.linear_cross_entropy: cross_entropy of hidden @ weight.T + bias."""
-    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+    logits = _rows(hidden) @ weight.t()
     if bias is not None:
         logits = logits + bias
     loss, divisor = _ce_rows(logits, target.reshape(-1), class_weight, ignore_index,
@@ -192,12 +201,24 @@ def linear_distillation(student_hidden, student_weight, teacher_hidden, teacher_
     return rows.sum() / count
 
 
+# ---- int8 ----------------------------------------------------------------------------------------
+
+
+def _rows(x):
+    """x [..., K] as [rows, K] (reshape(-1, K) is ambiguous when K = 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
 def quantize_per_channel(w):
-    """Reference of ops.quantize_per_channel: symmetric int8 per row, scale = max|row| / 127."""
+    """Reference of ops.quantize_per_channel: symmetric int8 per row, scale = max|row| / 127
+    (1 for a zero or empty row; NaN, with qweight 0, for a row holding NaN or +-inf)."""
     w = w.float()
-    amax = w.abs().amax(dim=1)
+    finite = w.isfinite().all(dim=1)
+    amax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    q = torch.round(w / scale[:, None]).clamp(-127, 127)
+    return torch.where(finite[:, None], q, torch.zeros_like(q)).to(torch.int8), scale
 
 
 def quantize_rows(x):
@@ -209,16 +230,14 @@ def quantize_rows(x):
 def int8_linear_int32(x, qweight):
     """The exact integer product of int8_linear(act="dynamic") before its float epilogue:
     int32 [..., N] = quantize_rows(x) @ qweight^T, computed in int64 then narrowed."""
-    K = qweight.shape[1]
-    xq, _ = quantize_rows(x.reshape(-1, K))
+    xq, _ = quantize_rows(_rows(x))
     acc = xq.long() @ qweight.long().t()
     return acc.to(torch.int32).reshape(*x.shape[:-1], qweight.shape[0])
 
 
 def int8_linear(x, qweight, scale, bias=None, act="dynamic"):
     """Reference of ops.int8_linear in float64 (dequantized epilogue of the integer product)."""
-    K = qweight.shape[1]
-    x2 = x.reshape(-1, K)
+    x2 = _rows(x)
     if act == "dynamic":
         xq, sx = quantize_rows(x2)
         acc = (xq.long() @ qweight.long().t()).double()

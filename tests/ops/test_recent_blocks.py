@@ -50,14 +50,17 @@ def test_gradients_from_reused_blocks_are_ordinary_tensors():
     assert again[4].is_shared()
 
 
-def _lstm_step_in_child(queue):
+def _lstm_forward_in_child(queue):
     # One thread, as torch's DataLoader workers run: GNU OpenMP's thread pool does not survive a
-    # fork, and a forked child that starts a parallel region hangs (plain torch.nn.LSTM too).
+    # fork (a child that starts a parallel region can hang, plain torch.nn.LSTM too). No
+    # backward: torch refuses autograd in a child forked after threaded autograd in the parent.
     torch.set_num_threads(1)
     torch.manual_seed(0)
     lstm = pyengine.nn.LSTM(5, 16, num_layers=2)
-    lstm(torch.randn(40, 3, 5, requires_grad=True))[0].sum().backward()
-    queue.put(float(lstm.weight_hh_l0.grad.abs().sum()))
+    with torch.no_grad():
+        for _ in range(3):  # outputs from the inherited free lists, freed and taken again
+            out = lstm(torch.randn(40, 3, 5))[0]
+    queue.put(float(out.abs().sum()))
 
 
 def test_reusing_allocator_works_in_a_forked_child():
@@ -69,7 +72,7 @@ def test_reusing_allocator_works_in_a_forked_child():
         lstm(torch.randn(40, 3, 5, requires_grad=True))[0].sum().backward()
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    child = context.Process(target=_lstm_step_in_child, args=(queue,))
+    child = context.Process(target=_lstm_forward_in_child, args=(queue,))
     child.start()
     child.join(timeout=120)
     if child.is_alive():

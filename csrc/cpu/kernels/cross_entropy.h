@@ -115,12 +115,15 @@ inline void row_sums(const float* x, int64_t C, double m_, const float* w, bool 
 #endif
 }
 
+// e_j <- a e_j - b w_j (w_j = 1 without class weights); with b = 0 the w_j term is left out
+// altogether, so that a NaN or infinite class weight does not reach the gradient through 0 * w_j.
 inline void row_finish(float* e, int64_t C, double a_, double b_, const float* w) {
+  if (b_ == 0.0) w = nullptr;
 #if PYENGINE_HAS_AVX2
   const float a = static_cast<float>(a_), b = static_cast<float>(b_);
   const VF::T va = VF::set1(a), vb = VF::set1(b);
   int64_t j = 0;
-  if (w && b != 0.0f) {
+  if (w) {
     for (; j + VF::W <= C; j += VF::W) {
       VF::store(e + j, VF::fnmadd(vb, VF::load(w + j), VF::mul(va, VF::load(e + j))));
     }

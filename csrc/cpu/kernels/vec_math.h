@@ -4,7 +4,11 @@
 // csrc/cpu/isa/), inside that set's namespace, so each set has its own copy.
 // The vector exp is a Cephes-style range reduction plus a degree-6 polynomial, accurate to about
 // 2 ulp over the float range; sigmoid and tanh are built on it with a true division, so gradients
-// computed from them stay within float tolerance. NaN in gives NaN out, as std::exp.
+// computed from them stay within float tolerance. NaN in gives NaN out, as std::exp, and the ends
+// are exact: exp(x) = +inf above log(FLT_MAX) (so exp(+inf) = +inf) and 0 below -87.34 (so
+// exp(-inf) = 0). Then sigmoid(-inf) = 0, sigmoid(+inf) = 1 and tanh(+-inf) = +-1 exactly, as in
+// torch: a saturated gate's derivative is exactly 0, and 0 * inf gives NaN downstream where
+// torch's does (a tiny positive sigmoid(-inf) had turned those NaN into infinities).
 #pragma once
 
 #include <cmath>
@@ -35,14 +39,23 @@ inline T tanh_(T x) {
 }
 
 #if PYENGINE_HAS_AVX2
-// exp(x) for x in float range; saturates to 0 below -87.3 and to exp(88.3) above 88.3; NaN stays
-// NaN (min/max return their second operand when either is NaN, so x goes second).
+// Bounds of the vector exp: the polynomial runs on x clamped to [kExpLo, kExpHi]; outside
+// [kExpLo, kExpOverflow] the result is 0 or +inf (exp(kExpOverflow) is FLT_MAX).
+constexpr float kExpHi = 88.3762626647949f;
+constexpr float kExpLo = -87.3365478515625f;
+constexpr float kExpOverflow = 88.72283905206835f;
+
+// exp(x): 0 below kExpLo, +inf above kExpOverflow, exp(kExpHi) in between the two top bounds;
+// NaN stays NaN (min/max return their second operand when either is NaN, so x goes second, and
+// the ordered compares of the fix-up are false for NaN).
 inline __m256 exp256(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
-  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
+  const __m256 hi = _mm256_set1_ps(kExpHi);
+  const __m256 lo = _mm256_set1_ps(kExpLo);
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
   const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
   const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 overflow = _mm256_cmp_ps(x, _mm256_set1_ps(kExpOverflow), _CMP_GT_OQ);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
   x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
@@ -57,7 +70,9 @@ inline __m256 exp256(__m256 x) {
   p = _mm256_fmadd_ps(p, r2, r);
   p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(underflow,
+                          _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), overflow));
 }
 
 inline __m256 sigmoid256(__m256 x) {
@@ -81,8 +96,9 @@ inline __m256 tanh256(__m256 x) {
 // The same functions 16 floats at a time. 2^n is applied with vscalefps, and the divisions are a
 // 14-bit reciprocal refined by one Newton step (relative error about 1e-8, below float's ulp).
 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3365478515625f),
-                    _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x));  // NaN kept
+  const __mmask16 overflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpOverflow), _CMP_GT_OQ);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_LT_OQ);
+  x = _mm512_max_ps(_mm512_set1_ps(kExpLo), _mm512_min_ps(_mm512_set1_ps(kExpHi), x));  // NaN kept
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -95,12 +111,15 @@ inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
   p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  const __m512 y = _mm512_mask_mov_ps(_mm512_scalef_ps(p, n), overflow, _mm512_set1_ps(INFINITY));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), y);
 }
 
+// 1/d; 1/inf = 0 exactly (where the Newton step would compute 0 * (2 - inf * 0) = NaN).
 inline __m512 reciprocal512(__m512 d) {
-  __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  const __m512 r = _mm512_rcp14_ps(d);
+  const __m512 refined = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  return _mm512_mask_mov_ps(refined, _mm512_cmp_ps_mask(r, _mm512_setzero_ps(), _CMP_EQ_OQ), r);
 }
 
 inline __m512 sigmoid512(__m512 x) {
