@@ -1,8 +1,8 @@
 """Command-line interface: `pyengine <command> [options]`.
 
 Each command is a module with `add_parser(subparsers)` (its options) and `run(args)` (what it
-does, returning an exit code), registered in COMMANDS. train / finetune / evaluate take their
-flags from the typed options of `pyengine.train.config` and their work from
+does, returning an exit code), registered in COMMANDS. train / finetune / distill / evaluate
+take their flags from the typed options of `pyengine.train.config` and their work from
 `pyengine.train.recipes`; this package only parses, reports and prints.
 """
 
@@ -23,6 +23,8 @@ COMMANDS = {
               functools.partial(recipes_cli.run, name="train")),
     "finetune": (functools.partial(recipes_cli.add_parser, name="finetune"),
                  functools.partial(recipes_cli.run, name="finetune")),
+    "distill": (functools.partial(recipes_cli.add_parser, name="distill"),
+                functools.partial(recipes_cli.run, name="distill")),
     "evaluate": (functools.partial(recipes_cli.add_parser, name="evaluate"),
                  functools.partial(recipes_cli.run, name="evaluate")),
     "generate": (generate.add_parser, generate.run),

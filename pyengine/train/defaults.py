@@ -22,3 +22,10 @@ PRECISION = "fp32"
 BATCH_SIZE = 16
 SEQ_LEN = 64
 VAL_FRACTION = 0.1
+
+# knowledge distillation (`pyengine distill`, pyengine.models.Distillation): placeholders, set
+# from the demo's measurements below
+DISTILL_KIND = "jsd"
+DISTILL_TEMPERATURE = 1.0
+DISTILL_ALPHA = 0.5
+DISTILL_BETA = 0.5
