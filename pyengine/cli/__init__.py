@@ -13,7 +13,7 @@ import functools
 import sys
 
 import pyengine
-from pyengine.cli import bench, demo, export, generate
+from pyengine.cli import average, bench, demo, export, generate
 from pyengine.cli import run as recipes_cli
 from pyengine.serve import cli as serve_cli
 
@@ -29,6 +29,7 @@ COMMANDS = {
                  functools.partial(recipes_cli.run, name="evaluate")),
     "generate": (generate.add_parser, generate.run),
     "export": (export.add_parser, export.run),
+    "average": (average.add_parser, average.run),
     "bench": (bench.add_parser, bench.run),
     "serve": (serve_cli.add_parser, serve_cli.run),
 }
