@@ -49,6 +49,9 @@ def test_distill_a_pruned_teacher_writes_a_plain_student_checkpoint(teacher, tmp
                  "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert main(["export", "--model", str(out / "model.pt"), "--output",
                  str(tmp_path / "student.onnx")]) == 0
+    from pyengine.serve.backends import load_backend
+
+    assert load_backend(out / "model.pt", device="cpu").model.config["hidden_size"] == 16
     capsys.readouterr()
 
 
