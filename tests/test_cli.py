@@ -13,7 +13,7 @@ from pyengine import cli
 
 TINY = ["--steps", "3", "--batch-size", "2", "--seq-len", "8", "--hidden", "16", "--embed", "8"]
 TINY += ["--layers", "1", "--domain-steps", "2", "--domain-chars", "3000", "--bleu-prompts", "3"]
-TINY += ["--classify-examples", "60", "--classify-steps", "2"]
+TINY += ["--classify-examples", "60", "--classify-steps", "2", "--prune-steps", "2"]
 
 
 def run(argv: list[str]) -> tuple[int, str]:
@@ -43,11 +43,26 @@ def test_demo_prints_progress_table_and_generation(demo):
     generation = lines[next(i for i, line in enumerate(lines) if "greedy generation" in line) + 1]
     assert generation.startswith("'The ") and len(generation) > len("'The '")
     # compress and deploy: the three variants side by side, the ONNX export, the report
-    for variant in ("float32", "int8 (quantize)", "pruned 50% + fine-tune"):
+    for variant in ("float32", "int8 (quantize)", "pruned 50% + fine-tune",
+                    "pruned 50% + distill"):
         assert any(line.startswith(variant) for line in lines)
     for name in ("model.onnx", "model.onnx.json", "loss.png", "report.md"):
         assert (folder / name).exists()
-    assert "| pruned 50% + fine-tune |" in (folder / "report.md").read_text()
+    report = (folder / "report.md").read_text()
+    assert "| pruned 50% + fine-tune |" in report and "| pruned 50% + distill |" in report
+
+
+def test_demo_prints_dense_pruned_fine_tuned_and_distilled_perplexity(demo):
+    out, folder = demo
+    found = re.search(r"dense / pruned 50% \+ fine-tuned / pruned 50% \+ distilled \(2 steps "
+                      r"each; .*\): ([\d.]+) / ([\d.]+) / ([\d.]+)", out)
+    assert found, out
+    table = {line[:24].strip(): float(line.split()[-2]) for line in out.splitlines()
+             if line.startswith(("float32", "pruned 50% +"))}
+    dense, tuned, distilled = map(float, found.groups())
+    assert (dense, tuned, distilled) == (table["float32"], table["pruned 50% + fine-tune"],
+                                         table["pruned 50% + distill"])
+    assert f"{dense:.2f} / {tuned:.2f} / {distilled:.2f}" in (folder / "report.md").read_text()
 
 
 def test_demo_fine_tunes_on_the_domain_and_trains_a_classifier(demo):
@@ -78,17 +93,25 @@ def test_demo_stages_run_alone_with_the_printed_commands(demo):
     commands = [shlex.split(line.strip()[2:]) for line in out.splitlines()
                 if line.startswith("  $ pyengine ")]
     names = [c[1] for c in commands]
-    assert names == ["train", "finetune", "evaluate", "evaluate", "finetune"]
+    assert names == ["train", "distill", "finetune", "evaluate", "evaluate", "finetune"]
     # the domain fine-tuning and its evaluation, alone, give the demo's numbers
-    code, alone = run(commands[1][1:])
+    code, alone = run(commands[2][1:])
     assert code == 0
     after = re.search(r"([\d.]+) after fine-tuning", out).group(1)
     assert "validation after fine-tuning: loss" in alone and f"perplexity {after}" in alone
-    code, alone = run(commands[3][1:])
+    code, alone = run(commands[4][1:])
     assert code == 0 and f"perplexity {after}" in alone and "BLEU" in alone
-    for command in (commands[4], commands[0]):  # the classifier, then pretraining
+    for command in (commands[5], commands[0]):  # the classifier, then pretraining
         code, alone = run(command[1:])
         assert code == 0 and "accuracy" in alone
+    # the distillation alone makes the demo's pruned + distilled model (at these sizes the
+    # recipe reads the validation text as one stream, as the demo does)
+    code, alone = run(commands[1][1:])
+    dense, _, distilled = re.search(r"distilled \(.*\): ([\d.]+) / ([\d.]+) / ([\d.]+)",
+                                    out).groups()
+    assert code == 0
+    assert re.search(rf"student validation after distillation: .* perplexity {distilled} ", alone)
+    assert re.search(rf"teacher validation \(reference\): .* perplexity {dense} ", alone)
 
 
 def test_demo_same_initial_weights_give_same_first_loss(demo):

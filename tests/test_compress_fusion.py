@@ -129,3 +129,42 @@ def test_generate_with_several_models():
     assert isinstance(pyengine.generate((m1, m2), TOK, "ab", 5, num_beams=3), str)
     assert isinstance(pyengine.generate([m1, m2], TOK, "ab", 5, seed=0), str)
     assert "".join(pyengine.generate([m1, m2], TOK, "ab", 6, temperature=0, stream=True)) == text
+
+
+# ---- on the command line ---------------------------------------------------------------------
+
+
+def test_cli_average_writes_the_api_average(tmp_path, capsys):
+    from pyengine.cli import main
+
+    paths = [str(write(tmp_path, f"c{i}.pt", lm(i), step=i)) for i in range(3)]
+    out = tmp_path / "avg.pt"
+    assert main(["average", *paths, "--mode", "ema", "--decay", "0.5", "--output",
+                 str(out)]) == 0
+    assert "EMA (decay 0.5) of 3 checkpoints" in capsys.readouterr().out
+    model, tok, _ = load_model(out)
+    expected = average_checkpoints(paths, "ema", 0.5)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[name])
+    assert main(["average", *paths, "--mode", "ema", "--decay", "1", "--output",
+                 str(out)]) == 2
+    assert "--decay must be in [0, 1)" in capsys.readouterr().err
+    assert main(["average", paths[2], paths[0], "--output", str(out)]) == 2
+    assert "training order" in capsys.readouterr().err
+
+
+def test_cli_generate_with_several_checkpoints_decodes_as_the_ensemble(tmp_path, capsys):
+    from pyengine.cli import main
+    from pyengine.data import CharTokenizer
+
+    a, b = write(tmp_path, "a.pt", lm(0)), write(tmp_path, "b.pt", lm(1, hidden_size=12))
+    expected = "the " + pyengine.generate([lm(0), lm(1, hidden_size=12)], TOK, "the ", 12,
+                                          temperature=0)
+    assert main(["generate", "--from", str(a), "--from", str(b), "--prompt", "the ",
+                 "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
+    char = CharTokenizer.train("the cat")
+    other = tmp_path / "char.pt"
+    save_model(other, lm(2, vocab_size=char.vocab_size), char)
+    assert main(["generate", "--from", str(a), "--from", str(other), "--prompt", "the "]) == 2
+    assert f"--from {str(other)!r} has another tokenizer" in capsys.readouterr().err

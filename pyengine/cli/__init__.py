@@ -1,8 +1,8 @@
 """Command-line interface: `pyengine <command> [options]`.
 
 Each command is a module with `add_parser(subparsers)` (its options) and `run(args)` (what it
-does, returning an exit code), registered in COMMANDS. train / finetune / evaluate take their
-flags from the typed options of `pyengine.train.config` and their work from
+does, returning an exit code), registered in COMMANDS. train / finetune / distill / evaluate
+take their flags from the typed options of `pyengine.train.config` and their work from
 `pyengine.train.recipes`; this package only parses, reports and prints.
 """
 
@@ -13,7 +13,7 @@ import functools
 import sys
 
 import pyengine
-from pyengine.cli import bench, demo, export, generate
+from pyengine.cli import average, bench, demo, export, generate
 from pyengine.cli import run as recipes_cli
 from pyengine.serve import cli as serve_cli
 
@@ -23,10 +23,13 @@ COMMANDS = {
               functools.partial(recipes_cli.run, name="train")),
     "finetune": (functools.partial(recipes_cli.add_parser, name="finetune"),
                  functools.partial(recipes_cli.run, name="finetune")),
+    "distill": (functools.partial(recipes_cli.add_parser, name="distill"),
+                functools.partial(recipes_cli.run, name="distill")),
     "evaluate": (functools.partial(recipes_cli.add_parser, name="evaluate"),
                  functools.partial(recipes_cli.run, name="evaluate")),
     "generate": (generate.add_parser, generate.run),
     "export": (export.add_parser, export.run),
+    "average": (average.add_parser, average.run),
     "bench": (bench.add_parser, bench.run),
     "serve": (serve_cli.add_parser, serve_cli.run),
 }

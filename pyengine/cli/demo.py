@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from pyengine.cli.demo_stages import (
+    PRETRAIN_STEPS,
+    PRUNE_STEPS,
     VAL_FRACTION,
     classify,
     compress_and_deploy,
@@ -42,16 +44,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "same batches) twice on the embedded general text (pydoc help topics), alternating "
         "steps of the same training loop: once on pyengine's kernels, once on plain PyTorch "
         "(on the same device); print loss and tokens/s side by side and a greedy generation. "
-        "2. Quantize and prune the pyengine model, compare size, validation perplexity and "
-        "generation speed, export it to ONNX. 3. Fine-tune it on the embedded domain text "
-        "(standard-library Python source) and evaluate both checkpoints there (perplexity, "
-        "token accuracy, BLEU of greedy continuations). 4. Fine-tune an LSTMClassifier from "
-        "it with focal loss on the embedded classification task (code / docstring / docs) and "
-        "print accuracy and macro-F1. Every stage prints the `pyengine` command that runs it "
-        "alone; everything goes into OUTPUT_DIR (checkpoints, ONNX, loss plot, report.md).",
+        "2. Quantize and prune the pyengine model; fine-tune the pruned model, and from the "
+        "same start on the same batches distil it from the unpruned one (`pyengine distill`); "
+        "compare size, validation perplexity and generation speed, export it to ONNX. "
+        "3. Fine-tune it on the embedded domain text (standard-library Python source) and "
+        "evaluate both checkpoints there (perplexity, token accuracy, BLEU of greedy "
+        "continuations). 4. Fine-tune an LSTMClassifier from it with focal loss on the "
+        "embedded classification task (code / docstring / docs) and print accuracy and "
+        "macro-F1. Every stage prints the `pyengine` command that runs it alone; everything "
+        "goes into OUTPUT_DIR (checkpoints, ONNX, loss plot, report.md).",
     )
     add = parser.add_argument
-    add("--steps", type=positive_int, default=300, help="pretraining steps")
+    add("--steps", type=positive_int, default=PRETRAIN_STEPS, help="pretraining steps")
     add("--batch-size", type=positive_int, default=16, help="streams")
     add("--seq-len", type=positive_int, default=64, help="BPTT window")
     add("--hidden", type=positive_int, default=256, help="LSTM hidden size")
@@ -67,6 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "default)")
     add("--generate", type=non_negative_int, default=80, help="bytes to generate")
     add("--prompt", default="The ", help="seed text for generation")
+    add("--prune-steps", type=positive_int, default=PRUNE_STEPS,
+        help="steps of fine-tuning, and of distillation, after pruning half the units")
     add("--domain-steps", type=positive_int, default=100, help="domain fine-tuning steps")
     add("--domain-chars", type=positive_int, default=200_000,
         help="characters of the domain text used, the last 10%% held out")
@@ -203,8 +209,7 @@ def _run(args: argparse.Namespace, device: torch.device, out: pathlib.Path) -> i
     print(f"saved {checkpoint}; the pyengine side alone:")
     print(f"  $ {command_line('train', pretrain)}")
 
-    compressed = compress_and_deploy(ours, sides["pyengine"].trainer, tokenizer, stream,
-                                     val_ids, args)
+    compressed = compress_and_deploy(ours, tokenizer, stream, val_ids, args)
     domain = domain_finetune(checkpoint, args)
     classifier = classify(checkpoint, args)
     report = write_report(args, sides, compressed, domain, classifier)
@@ -216,10 +221,11 @@ def _run(args: argparse.Namespace, device: torch.device, out: pathlib.Path) -> i
     print(f"  1. pretraining (general text): loss {sides['pyengine'].losses[0]:.2f} -> "
           f"{sides['pyengine'].losses[-1]:.2f}; pyengine at "
           f"{ours_speed / torch_speed:.2f}x the speed of plain PyTorch")
-    smallest = min(compressed["rows"], key=lambda row: row[1])
-    print(f"  2. compression: {smallest[0]} {smallest[1]:.2f} MB (float32 "
-          f"{compressed['rows'][0][1]:.2f} MB), validation perplexity {smallest[2]:.2f} "
-          f"(float32 {compressed['rows'][0][2]:.2f}); ONNX export checked")
+    dense, int8, tuned, distilled = compressed["rows"]
+    print(f"  2. compression (size, validation perplexity): float32 {dense[1]:.2f} MB "
+          f"{dense[2]:.2f}; int8 {int8[1]:.2f} MB {int8[2]:.2f}; pruned 50% {tuned[1]:.2f} MB, "
+          f"fine-tuned {tuned[2]:.2f}, distilled {distilled[2]:.2f} ({args.prune_steps} steps "
+          "each); ONNX export checked")
     bleu = ""
     if "bleu" in domain["before"]:
         bleu = f", BLEU {domain['before']['bleu']:.1f} -> {domain['after']['bleu']:.1f}"

@@ -1,5 +1,6 @@
-"""The demo's stages after pretraining: compression and export, domain fine-tuning, the
-classifier (both through the same recipes as `pyengine finetune|evaluate`), and the report."""
+"""The demo's stages after pretraining: compression (quantized; pruned, then fine-tuned or
+distilled) and export, domain fine-tuning, the classifier (both through the same recipes as
+`pyengine finetune|evaluate`), and the report."""
 
 from __future__ import annotations
 
@@ -16,9 +17,14 @@ from pyengine.cli.options import command_line
 from pyengine.data import iterate_bptt
 from pyengine.generate import generate
 from pyengine.train import Trainer
+from pyengine.train import defaults as D
 from pyengine.train import metrics as M
 
 VAL_FRACTION = 0.1  # the held-out last part of each text, as `pyengine train/finetune` split
+# 600 pretraining steps make a teacher worth distilling from: after 300 the pruned model learns
+# as much from 100 steps of labels as from the teacher (see pyengine/train/defaults.py)
+PRETRAIN_STEPS = 600
+PRUNE_STEPS = 100  # after pruning: steps of fine-tuning, and of distillation
 
 
 def demo_trainer(model: torch.nn.Module, args, plain: bool = False) -> Trainer:
@@ -61,24 +67,58 @@ def state_dict_bytes(model: torch.nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def compress_and_deploy(ours, trainer: Trainer, tokenizer, stream, val_ids, args) -> dict:
-    """Quantize and prune the trained model, compare the variants side by side and export the
-    float model to ONNX. Returns {"rows": [(variant, MB, val ppl, gen tok/s)], "card": ...}."""
+def distillation_options(args) -> dict:
+    """The options of `pyengine distill` that make the demo's pruned + distilled model."""
+    return dict(teacher=str(pathlib.Path(args.output_dir) / "pretrained" / "model.pt"),
+                prune=0.5, kind=D.DISTILL_KIND, temperature=D.DISTILL_TEMPERATURE,
+                alpha=D.DISTILL_ALPHA, beta=D.DISTILL_BETA, data="default",
+                batch_size=args.batch_size, seq_len=args.seq_len, max_steps=args.prune_steps,
+                lr=args.lr, seed=args.seed, threads=args.threads, device=args.device,
+                precision=args.precision, tensorboard=False, overwrite=True,
+                output_dir=str(pathlib.Path(args.output_dir) / "distilled"))
+
+
+def recover_pruned(ours, stream, args) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Prune half the units of the trained model, then train two copies of it for
+    args.prune_steps steps on the same batches: one fine-tuned on the labels, one distilled from
+    the unpruned model (pyengine.models.Distillation, the options of `pyengine distill`).
+    Returns (fine-tuned, distilled)."""
+    from pyengine.models import Distillation
+    from pyengine.nn import LinearDistillationLoss
+
+    pruned = pyengine.prune(ours, 0.5)
+    distilled = copy.deepcopy(pruned)  # the same pruned start
+    teacher = copy.deepcopy(ours)  # frozen by Distillation; the pretrained model stays as it is
+    options = distillation_options(args)
+    criterion = LinearDistillationLoss(teacher.head, kind=options["kind"],
+                                       temperature=options["temperature"],
+                                       alpha=options["alpha"], beta=options["beta"])
+    tuner = demo_trainer(pruned, args)
+    distiller = demo_trainer(Distillation(distilled, teacher, criterion), args)
+    windows = iterate_bptt(stream, args.seq_len)  # the training text, never the validation
+    for _, (inputs, targets) in zip(range(args.prune_steps), windows):
+        batch = {"input": inputs, "target": targets}
+        tuner.train_step(batch, stateful=True)
+        distiller.train_step(batch, stateful=True)
+    return pruned, distilled
+
+
+def compress_and_deploy(ours, tokenizer, stream, val_ids, args) -> dict:
+    """Quantize and prune the trained model (the pruned one fine-tuned, and distilled from the
+    unpruned one), compare the variants side by side and export the float model to ONNX.
+    Returns {"rows": [(variant, MB, val ppl, gen tok/s)], "card": ...}."""
     from pyengine.export import export
 
     print()
     print(f"2. compress and deploy the pyengine model (validation: the general text's last "
-          f"{VAL_FRACTION:.0%}):")
-    pruned = pyengine.prune(ours, 0.5)
-    tuner = demo_trainer(pruned, args)
-    windows = iterate_bptt(stream, args.seq_len)  # the training text, never the validation
-    for _, (inputs, targets) in zip(range(min(args.steps, 30)), windows):
-        # a brief fine-tune after removing half the units
-        tuner.train_step({"input": inputs, "target": targets}, stateful=True)
+          f"{VAL_FRACTION:.0%}); the pruned model fine-tuned and, from the same start on the "
+          f"same {args.prune_steps} batches, distilled from the unpruned one:", flush=True)
+    tuned, distilled = recover_pruned(ours, stream, args)
     variants = {
         "float32": ours,
         "int8 (quantize)": pyengine.quantize(copy.deepcopy(ours)),
-        "pruned 50% + fine-tune": pruned.eval(),
+        "pruned 50% + fine-tune": tuned.eval(),
+        "pruned 50% + distill": distilled.eval(),
     }
     rows = []
     for name, model in variants.items():
@@ -91,6 +131,13 @@ def compress_and_deploy(ours, trainer: Trainer, tokenizer, stream, val_ids, args
     print(f"{'variant':<24}{'size MB':>10}{'val ppl':>10}{'gen tok/s':>11}")
     for name, size, ppl, speed in rows:
         print(f"{name:<24}{size:>10.2f}{ppl:>10.2f}{speed:>11,.0f}")
+    options = distillation_options(args)
+    print(f"validation perplexity, dense / pruned 50% + fine-tuned / pruned 50% + distilled "
+          f"({args.prune_steps} steps each; {options['kind']}, temperature "
+          f"{options['temperature']:g}, alpha {options['alpha']:g}): {rows[0][2]:.2f} / "
+          f"{rows[2][2]:.2f} / {rows[3][2]:.2f}")
+    print("the distillation alone (the same teacher, pruning, batches and steps):")
+    print(f"  $ {command_line('distill', options)}")
 
     onnx_path = pathlib.Path(args.output_dir) / "model.onnx"
     card = export(ours, str(onnx_path), tokenizer=tokenizer,
@@ -196,7 +243,8 @@ def write_report(args, sides, compressed, domain, classifier) -> pathlib.Path:
     out = pathlib.Path(args.output_dir)
     plot_losses(sides, out / "loss.png")
     speeds = {n: statistics.median(s.speeds) for n, s in sides.items()}
-    card = compressed["card"]
+    card, rows = compressed["card"], compressed["rows"]
+    options = distillation_options(args)
     before, after = domain["before"], domain["after"]
     bleu = "bleu" in after
     test = classifier["test"]
@@ -214,6 +262,11 @@ def write_report(args, sides, compressed, domain, classifier) -> pathlib.Path:
         "| variant | size MB | validation perplexity | generation tokens/s |", "|---|---|---|---|",
         *(f"| {n} | {size:.2f} | {ppl:.2f} | {speed:,.0f} |"
           for n, size, ppl, speed in compressed["rows"]),
+        "", f"Pruned 50%, then {args.prune_steps} steps from the same start on the same batches: "
+        f"fine-tuned on the labels, or distilled from the unpruned model ({options['kind']}, "
+        f"temperature {options['temperature']:g}, alpha {options['alpha']:g}). Validation "
+        f"perplexity, dense / pruned + fine-tuned / pruned + distilled: "
+        f"{rows[0][2]:.2f} / {rows[2][2]:.2f} / {rows[3][2]:.2f}.",
         "", f"ONNX export: `model.onnx` (+ `model.onnx.json`), onnxruntime max difference "
         f"{card['check_max_abs_diff']:.1e}.", "",
         "## 3. Domain fine-tuning (standard-library Python source)", "",

@@ -1,4 +1,5 @@
-"""`pyengine generate`: continue a prompt with a trained language model checkpoint."""
+"""`pyengine generate`: continue a prompt with a trained language model checkpoint, or with
+several decoding as one (a logit ensemble)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="continue a seed text with a trained language model checkpoint",
         description="Load an LSTMLanguageModel checkpoint (written by `pyengine train` or "
         "Trainer.save_model: model.pt or model.safetensors) with its tokenizer and continue "
-        "the prompt. Temperature 0 is greedy; --num-beams > 1 is beam search.")
+        "the prompt. Temperature 0 is greedy; --num-beams > 1 is beam search. --from given "
+        "several times decodes with the models as one (a logit ensemble: each step the "
+        "average of their log-probabilities); they must share one tokenizer.")
     add = parser.add_argument
-    add("--from", dest="checkpoint", required=True, help="model checkpoint")
+    add("--from", dest="checkpoint", required=True, action="append",
+        help="model checkpoint (repeat for an ensemble)")
     add("--prompt", default="", help="seed text ('' starts from a newline)")
     add("--max-new-tokens", type=non_negative_int, default=100, help="tokens to generate")
     # finite numbers here; their ranges are generate()'s to check (it names the argument)
@@ -46,14 +50,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         check_precision(args.precision, device)
-        model, tokenizer, _ = load_model(args.checkpoint, map_location=device)
+        models, tokenizers = [], []
+        for path in args.checkpoint:
+            model, tokenizer, _ = load_model(path, map_location=device)
+            if not isinstance(model, LSTMLanguageModel) or tokenizer is None:
+                raise ValueError(f"--from {path!r} does not hold a language model with its "
+                                 "tokenizer")
+            if tokenizers and tokenizer.to_dict() != tokenizers[0].to_dict():
+                raise ValueError(f"--from {path!r} has another tokenizer than "
+                                 f"{args.checkpoint[0]!r}: an ensemble needs one vocabulary")
+            models.append(model)
+            tokenizers.append(tokenizer)
     except (CheckpointError, ValueError, OSError) as error:
         print(f"pyengine generate: error: {error}", file=sys.stderr)
         return 2
-    if not isinstance(model, LSTMLanguageModel) or tokenizer is None:
-        print(f"pyengine generate: error: {args.checkpoint!r} does not hold a language model "
-              "with its tokenizer", file=sys.stderr)
-        return 2
+    model, tokenizer = (models[0] if len(models) == 1 else models), tokenizers[0]
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,

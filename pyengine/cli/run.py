@@ -1,9 +1,10 @@
-"""`pyengine train | finetune | evaluate`: the flags come from the typed options, the work from
-`pyengine.train.recipes`; this file only parses, reports errors and prints the result."""
+"""`pyengine train | finetune | distill | evaluate`: the flags come from the typed options, the
+work from `pyengine.train.recipes`; this file only parses, reports errors and prints the result."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from pyengine.cli.options import Formatter, add_options, fail, options_from
@@ -20,6 +21,15 @@ DESCRIPTIONS = {
                  "(default) trains an LSTMClassifier on (text, label) data with a seeded, "
                  "stratified train/validation/test split and prints the test report; "
                  "--task lm fine-tunes the LM."),
+    "distill": ("train a smaller LM (or the teacher pruned) on a teacher LM's soft targets",
+                "Knowledge distillation: train a student language model on the --teacher's "
+                "next-token distributions mixed with the hard labels (--alpha), through the "
+                "heads fused with the divergence (--kind, --temperature). The student is a "
+                "checkpoint (--from), the teacher pruned (--prune AMOUNT) or a new LM "
+                "(--hidden / --layers / --embed, the teacher's by default); it must share the "
+                "teacher's tokenizer. Data, logging, checkpoints and evaluation as finetune "
+                "--task lm; the files hold the student alone (a plain LM checkpoint), and the "
+                "report gives its validation before and after, and the teacher's."),
     "evaluate": ("evaluate a saved model on a data file or an embedded text",
                  "LM: loss, perplexity, token accuracy, and with --bleu N the BLEU of greedy "
                  "continuations of N prompts. Classifier: accuracy, precision, recall, F1 "
@@ -36,6 +46,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, name: str) -> int:
+    from pyengine.compress import prune
     from pyengine.data import DataFileError
     from pyengine.train import CheckpointError, OutputDirError, recipes
     from pyengine.train.config import ConfigError
@@ -46,6 +57,7 @@ def run(args: argparse.Namespace, name: str) -> int:
             print("pyengine evaluate: no --data given: evaluating on the embedded default "
                   "(pydoc help topics; the embedded task for a classifier)", file=sys.stderr)
         work = {"train": recipes.train_lm, "finetune": recipes.finetune,
+                "distill": functools.partial(recipes.distill, prune=prune),
                 "evaluate": recipes.evaluate}[name]
         result = work(options)
     except DataFileError as exc:

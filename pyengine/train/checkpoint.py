@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from pyengine.train.protocol import saved_model
+
 FORMAT = "pyengine.checkpoint"
 VERSION = 1
 
@@ -131,7 +133,9 @@ def _plain_config(config: dict[str, Any] | None) -> dict[str, Any]:
 
 def model_payload(model, tokenizer: Any = None, config: dict[str, Any] | None = None
                   ) -> dict[str, Any]:
-    """What a saved model holds: weights, class, constructor config, tokenizer, options."""
+    """What a saved model holds: weights, class, constructor config, tokenizer, options (of
+    `saved_model(model)`: a distillation's student, see pyengine.train.protocol)."""
+    model = saved_model(model)
     return {
         "model": model.state_dict(), "model_class": type(model).__name__,
         "model_config": dict(getattr(model, "config", {})),

@@ -1,6 +1,6 @@
-"""The options of `pyengine train|finetune|evaluate`: one typed declaration per command (pydantic),
-from which the command line's flags, their --help (with the defaults) and the validation of
-config files and flags all come.
+"""The options of `pyengine train|finetune|distill|evaluate`: one typed declaration per command
+(pydantic), from which the command line's flags, their --help (with the defaults) and the
+validation of config files and flags all come.
 
 Values come from the defaults, then a YAML/TOML config file (keys = option names), then the
 flags given; every value is checked before any work, and a bad one is reported as
@@ -156,6 +156,32 @@ class FinetuneOptions(TrainingOptions):
     max_examples: PositiveInt = Field(2000, description="size of the embedded task")
 
 
+class DistillOptions(TrainingOptions):
+    """`pyengine distill`: a student LM trained on a teacher LM's soft targets."""
+
+    teacher: str | None = Field(None, description="teacher LM checkpoint (model.pt or "
+                                ".safetensors); required")
+    from_checkpoint: str | None = Field(None, description="student LM checkpoint (or give "
+                                        "--prune, or the size of a new student)")
+    prune: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = Field(
+        None, description="the student is the teacher with this fraction of its units pruned")
+    embed: PositiveInt | None = Field(None, description="new student: embedding size "
+                                      "(default: the teacher's)")
+    hidden: PositiveInt | None = Field(None, description="new student: LSTM hidden size "
+                                       "(default: the teacher's)")
+    layers: PositiveInt | None = Field(None, description="new student: LSTM layers "
+                                       "(default: the teacher's)")
+    kind: Literal["kl", "reverse_kl", "jsd"] = Field(
+        D.DISTILL_KIND, description="divergence: kl (KL(teacher || student)), reverse_kl, "
+        "or jsd (generalized Jensen-Shannon, with --beta)")
+    temperature: PositiveFloat = Field(D.DISTILL_TEMPERATURE, description="softmax temperature "
+                                       "of both models in the divergence")
+    alpha: Probability = Field(D.DISTILL_ALPHA, description="weight of the hard-label "
+                               "cross-entropy; the divergence gets 1 - alpha")
+    beta: Probability = Field(D.DISTILL_BETA, description="jsd: 0 is the forward KL, 1 the "
+                              "reverse, 0.5 the symmetric JSD")
+
+
 class EvaluateOptions(RunOptions):
     """`pyengine evaluate`: a saved model on a data file or an embedded text."""
 
@@ -178,7 +204,8 @@ class EvaluateOptions(RunOptions):
 
 
 COMMAND_OPTIONS: dict[str, type[Options]] = {
-    "train": TrainOptions, "finetune": FinetuneOptions, "evaluate": EvaluateOptions}
+    "train": TrainOptions, "finetune": FinetuneOptions, "distill": DistillOptions,
+    "evaluate": EvaluateOptions}
 
 
 class ConfigError(ValueError):

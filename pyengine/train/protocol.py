@@ -16,6 +16,11 @@ Models are called in the first way that applies:
 3. Otherwise `output = model(*inputs)` (the first element when it returns a tuple, as
    `(logits, state)`) and `loss_fn(output, target)`; sequence logits [B, T, C] are flattened
    against targets [B, T] for cross-entropy.
+
+What the files of a run hold (model.pt, best.pt, last.pt): the model, or what its
+`saved_model()` returns when it defines one, for a model that trains another inside it
+(pyengine.models.Distillation: the student, not its frozen teacher), so the checkpoint is the
+plain model that load_model, generate, evaluate, export and serve read.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ from pyengine.models.loss_terms import (
 )
 
 MODEL_LOSS = "model"  # loss_fn value: the model computes its own loss
+
+
+def saved_model(model: nn.Module) -> nn.Module:
+    """The module a run's files hold: `model.saved_model()` when the model defines it, else the
+    model itself."""
+    method = getattr(model, "saved_model", None)
+    return method() if callable(method) else model
 
 
 def split_batch(batch: Any) -> tuple[tuple, Any, dict]:

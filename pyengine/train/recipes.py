@@ -1,5 +1,5 @@
-"""Recipes behind `pyengine train|finetune|evaluate`: options in (see `pyengine.train.config`,
-validated before any work), files and a result dict out."""
+"""Recipes behind `pyengine train|finetune|distill|evaluate`: options in (see
+`pyengine.train.config`, validated before any work), files and a result dict out."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import torch
 from pyengine.train import metrics as M
 from pyengine.train.callbacks import EarlyStopping
 from pyengine.train.checkpoint import load_model, write_json
-from pyengine.train.config import ConfigError, load_config_file, resolve, validate
+from pyengine.train.config import ConfigError, flag_of, load_config_file, resolve, validate
 from pyengine.train.device import resolve_device
 from pyengine.train.losses import make_loss
 from pyengine.train.rundir import claim_output_dir
 from pyengine.train.trainer import Trainer
 
-__all__ = ["continuation_bleu", "evaluate", "finetune", "format_result", "load_config_file",
-           "resolve", "train_lm"]
+__all__ = ["continuation_bleu", "distill", "evaluate", "finetune", "format_result",
+           "load_config_file", "resolve", "train_lm"]
 
 BLEU_PROMPT_TOKENS, BLEU_CONTINUATION_TOKENS = 64, 32
 
@@ -240,6 +240,103 @@ def _finetune_classifier(cfg, lm, tok, out) -> dict[str, Any]:
     return result
 
 
+def _load_teacher(cfg, device):
+    """The teacher LM and its tokenizer, from --teacher."""
+    from pyengine.models import LSTMLanguageModel
+
+    if not cfg.get("teacher"):
+        raise ConfigError("--teacher CKPT (the language model to distil) is required")
+    teacher, tok, _ = load_model(cfg["teacher"], map_location=device)
+    if not isinstance(teacher, LSTMLanguageModel):
+        raise ConfigError(f"--teacher must be a language-model checkpoint, got a "
+                          f"{type(teacher).__name__}")
+    if tok is None:
+        raise ConfigError(f"--teacher checkpoint {cfg['teacher']!r} carries no tokenizer")
+    return teacher, tok
+
+
+def _student(cfg, teacher, tok, device, prune):
+    """The student: --from's checkpoint, the teacher pruned by --prune, or a new LM of
+    --embed/--hidden/--layers (each the teacher's unless given). Refused when none or more
+    than one is asked for, or when its vocabulary is not the teacher's."""
+    from pyengine.models import LSTMLanguageModel
+
+    sizes = [flag_of(k) for k in ("embed", "hidden", "layers") if cfg.get(k) is not None]
+    asked = ([flag_of("from_checkpoint")] if cfg.get("from_checkpoint") else []) + (
+        ["--prune"] if cfg.get("prune") is not None else []) + (sizes[:1] if sizes else [])
+    if not asked:
+        raise ConfigError("give the student: --from CKPT (a student checkpoint), --prune "
+                          "AMOUNT (the teacher pruned), or a new student's --hidden / --layers "
+                          "/ --embed")
+    if len(asked) > 1:
+        raise ConfigError(f"{' and '.join(asked)} each name a student: give one")
+    if cfg.get("prune") is not None:
+        if prune is None:
+            raise ConfigError("--prune needs the pruning function: call "
+                              "recipes.distill(options, prune=pyengine.prune)")
+        return prune(teacher, cfg["prune"])
+    if not cfg.get("from_checkpoint"):
+        config = teacher.config
+        torch.manual_seed(cfg["seed"])
+        return LSTMLanguageModel(config["vocab_size"], cfg["embed"] or config["embed_dim"],
+                                 cfg["hidden"] or config["hidden_size"],
+                                 cfg["layers"] or config["num_layers"]).to(device)
+    student, student_tok, _ = load_model(cfg["from_checkpoint"], map_location=device)
+    if not isinstance(student, LSTMLanguageModel):
+        raise ConfigError(f"--from must be a language-model checkpoint, got a "
+                          f"{type(student).__name__}")
+    ours, theirs = student.head.out_features, teacher.head.out_features
+    if ours != theirs:
+        raise ConfigError(f"--from: the student's vocabulary ({ours} tokens) differs from the "
+                          f"--teacher's ({theirs}): distillation needs one tokenizer")
+    if student_tok is not None and student_tok.to_dict() != tok.to_dict():
+        raise ConfigError("--from: the student's tokenizer differs from the --teacher's: "
+                          "distillation needs one tokenizer")
+    return student
+
+
+def distill(options: dict[str, Any], prune=None) -> dict[str, Any]:
+    """Train a student LM on a teacher LM's soft targets (`pyengine distill`): a Distillation
+    module (pyengine.models) through the Trainer, with the data, logging, checkpoints and
+    evaluation of finetune --task lm. The files hold the student alone. The result has the
+    student's validation before and after, and the teacher's for reference.
+
+    prune: the function --prune calls, pyengine.prune (the command line passes it: compress
+    sits above train, which cannot import it).
+    """
+    from pyengine.models import Distillation
+    from pyengine.nn import LinearDistillationLoss
+
+    cfg = validate("distill", options)
+    _check_run(cfg)
+    device = _setup(cfg)
+    teacher, tok = _load_teacher(cfg, device)
+    student = _student(cfg, teacher, tok, device, prune)
+    with claim_output_dir(cfg["output_dir"], resume=cfg["resume"], overwrite=cfg["overwrite"],
+                          flags=True) as out:
+        text, source = _read_text(cfg)
+        train, val = _lm_splits(text, tok, cfg)
+        result: dict[str, Any] = {
+            "source": source, "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+            "student_parameters": sum(p.numel() for p in student.parameters())}
+        if val is not None:  # before the Distillation freezes it: a Trainer needs parameters
+            result["teacher_validation"] = Trainer(
+                teacher, log_grad_norms=False, loggers=[], progress=False,
+                device=cfg["device"], precision=cfg["precision"]).evaluate(val)
+        criterion = LinearDistillationLoss(teacher.head, kind=cfg["kind"],
+                                           temperature=cfg["temperature"], alpha=cfg["alpha"],
+                                           beta=cfg["beta"])
+        trainer = _trainer(Distillation(student, teacher, criterion), cfg, tok, out)
+        if val is not None:
+            result["validation_before"] = trainer.evaluate(val)
+        trainer.fit(train, val, resume=cfg["resume"])
+        result["steps"] = trainer.global_step
+        if val is not None:
+            result["validation"] = trainer.evaluate(val)
+        write_json(out / "result.json", result)
+    return result
+
+
 def continuation_bleu(model, tokenizer, ids: torch.Tensor, prompts: int,
                       prompt_tokens: int = BLEU_PROMPT_TOKENS,
                       continuation_tokens: int = BLEU_CONTINUATION_TOKENS) -> float:
@@ -341,10 +438,17 @@ def evaluate(options: dict[str, Any]) -> dict[str, Any]:
 def format_result(result: dict[str, Any]) -> str:
     """Human-readable summary of a recipe's result."""
     lines = [f"data: {result.get('source')}"]
-    names = {"validation_before": "validation before fine-tuning"}
+    distilled = "teacher_parameters" in result
+    if distilled:
+        lines.append(f"student: {result['student_parameters']:,} parameters, teacher: "
+                     f"{result['teacher_parameters']:,}")
+    what = "student validation {} distillation" if distilled else "validation {} fine-tuning"
+    names = {"validation_before": what.format("before"),
+             "teacher_validation": "teacher validation (reference)"}
     if "validation_before" in result:
-        names["validation"] = "validation after fine-tuning"
-    for part in ("train", "validation_before", "validation", "test", None):
+        names["validation"] = what.format("after")
+    for part in ("train", "validation_before", "validation", "teacher_validation", "test",
+                 None):
         r = result.get(part) if part else result
         if not isinstance(r, dict) or "loss" not in r:
             continue

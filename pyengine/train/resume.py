@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pyengine.train.checkpoint import CheckpointError, model_payload
+from pyengine.train.protocol import saved_model
 
 
 def training_state(trainer) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def callback_keys(callbacks) -> list[tuple[str, Any]]:
 def restore_training_state(trainer, payload: dict[str, Any], path) -> None:
     """Put a checkpoint's state back into `trainer`."""
     try:
-        trainer.model.load_state_dict(payload["model"])
+        saved_model(trainer.model).load_state_dict(payload["model"])
         trainer.optimizer.load_state_dict(payload["optimizer"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match this model or "

@@ -33,7 +33,7 @@ from pyengine.train.device import autocast, check_precision, grad_scaler, resolv
 from pyengine.train.evaluation import Evaluator
 from pyengine.train.loggers import make_loggers
 from pyengine.train.optimizers import adam
-from pyengine.train.protocol import LossModule, to_device, tokens_of
+from pyengine.train.protocol import LossModule, saved_model, to_device, tokens_of
 from pyengine.train.resume import callback_keys, restore_training_state, training_state
 from pyengine.train.rundir import OutputDir, claim_output_dir
 from pyengine.train.schedules import make_schedule
@@ -518,8 +518,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _card(self) -> dict[str, Any]:
-        return {"model_class": type(self.model).__name__,
-                "model_config": dict(getattr(self.model, "config", {})),
+        saved = saved_model(self.model)
+        return {"model_class": type(saved).__name__,
+                "model_config": dict(getattr(saved, "config", {})),
                 "tokenizer": (self.tokenizer.to_dict() if hasattr(self.tokenizer, "to_dict")
                               else None), "config": self.config}
 
