@@ -3,6 +3,9 @@
     python bench/bench_lstm.py            # both shapes, writes the LSTM section of RESULTS.md
     python bench/bench_lstm.py --quick    # fewer repeats, no torch.compile, no RESULTS.md
 
+On CUDA (`--device cuda`) it runs bench/lstm_gpu.py instead: the GPU shapes and targets against
+cuDNN, training step and inference, each of pyengine's GPU time loops, GPU busy vs host time.
+
 Implementations: pyengine.nn.LSTM; torch.nn.LSTM (oneDNN on CPU, cuDNN on CUDA); a Python loop
 over torch.nn.LSTMCell (the eager formula); torch.compile of that loop. Scaling: pyengine
 against torch.nn.LSTM, time against sequence length and against batch size. On CUDA also the
@@ -175,7 +178,19 @@ def sweep(quick: bool, device: str) -> list[dict]:
     )
 
 
+def gpu_report(args) -> Report:
+    """On CUDA: the GPU shapes and targets against cuDNN, both of ours time loops (lstm_gpu)."""
+    import lstm_gpu
+
+    rows = lstm_gpu.run(args.quick, args.device)
+    info = machine_info(args.device)
+    return Report(f"lstm-{args.device}", lstm_gpu.section_text(rows, info_line(info)), rows, info,
+                  "case", "implementation", "speedup vs cuDNN")
+
+
 def report(args) -> Report:
+    if args.device == "cuda":
+        return gpu_report(args)
     rows, extra = run(args.quick, args.device)
     points = sweep(args.quick, args.device)
     columns = ["shape", "implementation", "median ms", "speedup vs torch.nn.LSTM", "GFLOP/s",

@@ -70,17 +70,21 @@ from pyengine.train import Trainer
 torch.manual_seed(0)
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-for kw in [dict(), dict(num_layers=2, bidirectional=True), dict(proj_size=8, num_layers=2)]:
-    ref = torch.nn.LSTM(32, 64, **kw).cuda()
-    ours = pyengine.nn.LSTM(32, 64, **kw).cuda()
+for rec, kw in [(rec, kw) for rec in ("step", "persistent") for kw in
+                [dict(), dict(num_layers=2, bidirectional=True), dict(proj_size=8, num_layers=2),
+                 dict(num_layers=2, batch_first=True)]]:
+    ref = torch.nn.LSTM(32, 300, **kw).cuda()  # 300 units: 19 persistent programs a row block
+    ours = pyengine.nn.LSTM(32, 300, **kw).cuda()
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(20, 7, 32, device="cuda", requires_grad=True)
-    a, b = ours(x)[0], ref(x)[0]
-    ga = torch.autograd.grad(a.sum(), [x, *ours.parameters()])
+    x = torch.randn(20, 70, 32, device="cuda", requires_grad=True)  # 70 rows: two row blocks
+    with pyengine.backends.cuda.flags(lstm_recurrence=rec):
+        a = ours(x)[0]
+        ga = torch.autograd.grad(a.sum(), [x, *ours.parameters()])
+    b = ref(x)[0]
     gb = torch.autograd.grad(b.sum(), [x, *ref.parameters()])
     rel = max([((a - b).norm() / b.norm()).item()] +
               [((p - q).norm() / q.norm()).item() for p, q in zip(ga, gb)])
-    print("nn.LSTM cuda vs cuDNN (TF32 off)", kw, f"worst relative error {rel:.2e}")
+    print(f"nn.LSTM cuda ({rec}) vs cuDNN (TF32 off)", kw, f"worst relative error {rel:.2e}")
 
 lm = pyengine.LSTMLanguageModel(256, 64, 128, 2).eval()
 for act in ("dynamic", "none"):
@@ -118,7 +122,10 @@ timeout 300 $PY - > "$OUT_DIR/profile.txt" 2>&1 <<'PYEOF'
 import time
 import torch, pyengine
 from torch.profiler import ProfilerActivity, profile
-for name, cls in (("ours", pyengine.nn.LSTM), ("cuDNN", torch.nn.LSTM)):
+for name, cls, rec in (("ours step", pyengine.nn.LSTM, "step"),
+                       ("ours persistent", pyengine.nn.LSTM, "persistent"),
+                       ("cuDNN", torch.nn.LSTM, "step")):
+    pyengine.backends.cuda.lstm_recurrence = rec
     torch.manual_seed(0)
     m = cls(256, 512, 2).cuda()
     x = torch.randn(64, 32, 256, device="cuda", requires_grad=True)
@@ -133,8 +140,7 @@ for name, cls in (("ours", pyengine.nn.LSTM), ("cuDNN", torch.nn.LSTM)):
         wall = (time.perf_counter() - start) / 5
     busy = sum(e.device_time_total for e in prof.key_averages()
                if e.device_time_total and e.device_type == torch.autograd.DeviceType.CUDA) / 5
-    launches = sum(e.count for e in prof.key_averages() if "cudaLaunchKernel" in e.key
-                   or "cuLaunchKernel" in e.key) / 5
+    launches = sum(e.count for e in prof.key_averages() if "LaunchKernel" in e.key) / 5
     print(f"{name}: wall {wall * 1e3:.2f} ms/step, GPU busy {busy / 1e3:.2f} ms/step, "
           f"{launches:.0f} launches/step")
 PYEOF

@@ -14,6 +14,15 @@
   back the block freed last (still in cache) rather than ATen's (initially true unless
   ``PYENGINE_RECENT_BLOCKS=0``; switch it off for memory checkers).
 
+``pyengine.backends.cuda``:
+
+- ``lstm_recurrence``: how the LSTM's GPU path runs the time loop of a layer without
+  projection, ``"step"`` (a Triton launch a step, driven from Python) or ``"persistent"`` (all
+  steps in one launch, programs meeting at a grid barrier each step; see
+  pyengine.kernels.lstm_persistent). Initially ``PYENGINE_LSTM_RECURRENCE``, or ``"step"``:
+  the persistent kernels are checked under the Triton interpreter and compiled for sm_80/sm_90,
+  but not yet measured on a GPU.
+
 Settings hold for the whole process and are read by the kernels at each call, never from the
 environment again. ``with pyengine.backends.cpu.flags(capability="avx2"): ...`` sets and
 restores them.
@@ -98,3 +107,42 @@ class _CpuBackend:
 
 
 cpu = _CpuBackend()
+
+
+def _lstm_recurrence_module():
+    # Imported on use: it imports triton, which a CPU-only session need not load.
+    from pyengine.kernels import lstm_persistent
+
+    return lstm_persistent
+
+
+class _CudaBackend:
+    """pyengine.backends.cuda: see the module docstring."""
+
+    @property
+    def lstm_recurrence(self) -> str:
+        return _lstm_recurrence_module().recurrence
+
+    @lstm_recurrence.setter
+    def lstm_recurrence(self, name: str) -> None:
+        module = _lstm_recurrence_module()
+        if name not in module.RECURRENCES:
+            raise ValueError(f"lstm_recurrence must be one of {module.RECURRENCES}, got {name!r}")
+        module.recurrence = name
+
+    @contextlib.contextmanager
+    def flags(self, lstm_recurrence: str | None = None) -> Iterator[None]:
+        """Set the given settings for the body of a with-block, then restore them."""
+        saved = self.lstm_recurrence
+        try:
+            if lstm_recurrence is not None:
+                self.lstm_recurrence = lstm_recurrence
+            yield
+        finally:
+            _lstm_recurrence_module().recurrence = saved
+
+    def __repr__(self) -> str:
+        return f"pyengine.backends.cuda(lstm_recurrence={self.lstm_recurrence!r})"
+
+
+cuda = _CudaBackend()

@@ -146,3 +146,25 @@ def test_measure_interleaves_cases_and_skips_the_first_call_of_each_block():
     # blocks of three calls, the first of each untimed: two rounds give four timed calls
     assert calls == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2
     assert timings["a"].samples == timings["b"].samples == 4
+
+
+def test_the_gpu_lstm_benchmark_runs_end_to_end_on_tiny_shapes():
+    """bench/lstm_gpu.py (`bench_lstm.py --device cuda`) is meant for a GPU session that is short
+    and rare: its whole path (timing both time loops, the profile, the errors, the table) runs
+    here first, on the CPU with tiny shapes (the CPU kernels take no bfloat16; float64 stands in
+    for the second dtype)."""
+    folder = str(Path(__file__).resolve().parents[1] / "bench")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import lstm_gpu
+    import torch
+
+    shapes = [("tiny", 8, 16, 3, 5, 2, torch.float32, 2.0),
+              ("tiny 1 layer", 8, 16, 3, 5, 1, torch.float64, 1.2)]
+    rows = lstm_gpu.run(quick=True, device="cpu", shapes=shapes)
+    assert len(rows) == 2 * 2 * 3  # shapes x modes x (cuDNN, step, persistent)
+    assert {r["implementation"] for r in rows} == {"cuDNN", "pyengine (step)",
+                                                   "pyengine (persistent)"}
+    errors = [float(r["max rel err"]) for r in rows if r["implementation"] != "cuDNN"]
+    assert max(errors) < 1e-5  # ours against float32 torch.nn.LSTM
+    assert "| tiny fp32 | train | pyengine (step) |" in lstm_gpu.section_text(rows, "cpu")

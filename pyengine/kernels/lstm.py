@@ -12,6 +12,10 @@ Backward: one reverse sweep of a pointwise Triton kernel (`_lstm_backward_step`,
 dc_{t-1}) plus a torch mm (dh = dgates @ w_hh) per step; then the gradients of input, w_ih, w_hh,
 the bias and w_hr are one GEMM (or reduction) each.
 
+The time loop of a layer without projection can instead run inside ONE launch a sequence
+(pyengine.kernels.lstm_persistent), chosen by pyengine.backends.cuda.lstm_recurrence; the GEMMs
+around it are the same. The tile helpers both use are in pyengine.kernels.lstm_parts.
+
 Packed sequences: `batch_sizes[t]` rows (a non-increasing prefix of the batch) are active at step
 t. Inactive rows keep their state; their output and cells are zero and their gates hold the
 input projection (as on the CPU).
@@ -25,8 +29,6 @@ Only torch and triton are imported (this module is loaded by pyengine.ops, never
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -49,11 +51,17 @@ def is_available() -> bool:
 # ---- kernels -----------------------------------------------------------------------------------
 
 if _HAS_TRITON:
-
-    @triton.jit
-    def _tanh(x):
-        """tanh through sigmoid: the Triton interpreter has no tanh."""
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    from pyengine.kernels import lstm_persistent
+    from pyengine.kernels.lstm_parts import (
+        _cell_update,
+        _gate_gradients,
+        _recurrent_gemm,
+        _tanh,
+        dot_in_fp32,
+        final_hidden,
+        input_precision,
+        pow2_block,
+    )
 
     @triton.jit
     def _lstm_forward_step(
@@ -79,70 +87,23 @@ if _HAS_TRITON:
         INPUT_PRECISION: tl.constexpr,  # "ieee" (exact float32) or "tf32"
         DOT_IN_FP32: tl.constexpr,  # upcast dot operands (bfloat16 under the interpreter only)
     ):
-        """One LSTM step for a [BLOCK_N rows, BLOCK_H units] tile: recurrent GEMM + pointwise.
-
-        The program accumulates the four gate blocks of its units (i, f, g, o rows of w_hh) in
-        float32 so the cell update happens in registers, without a round trip through memory.
-        """
+        """One LSTM step for a [BLOCK_N rows, BLOCK_H units] tile: recurrent GEMM + pointwise."""
         pid_n = tl.program_id(0)
         pid_h = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         row_ok = rows < B
         unit_ok = units < H
-        from_prev = rows < n_from_prev
-        from_init = row_ok & (rows >= n_from_prev)
-
-        acc_i = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-        acc_f = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-        acc_g = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-        acc_o = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-        for k0 in range(0, P, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < P
-            h_off = rows[:, None] * stride_h + ks[None, :]
-            # Each row comes from exactly one of the two sources; the other load is masked off.
-            a = tl.load(h_prev_ptr + h_off, mask=from_prev[:, None] & k_ok[None, :], other=0.0)
-            a += tl.load(h_init_ptr + h_off, mask=from_init[:, None] & k_ok[None, :], other=0.0)
-            # w_hh[q*H + unit, k] seen as a [BLOCK_K, BLOCK_H] tile (w_hh^T).
-            w_off = units[None, :] * stride_w0 + ks[:, None] * stride_w1
-            w_mask = k_ok[:, None] & unit_ok[None, :]
-            w_i = tl.load(w_hh_ptr + w_off, mask=w_mask, other=0.0)
-            w_f = tl.load(w_hh_ptr + H * stride_w0 + w_off, mask=w_mask, other=0.0)
-            w_g = tl.load(w_hh_ptr + 2 * H * stride_w0 + w_off, mask=w_mask, other=0.0)
-            w_o = tl.load(w_hh_ptr + 3 * H * stride_w0 + w_off, mask=w_mask, other=0.0)
-            if DOT_IN_FP32:
-                a = a.to(tl.float32)
-                w_i = w_i.to(tl.float32)
-                w_f = w_f.to(tl.float32)
-                w_g = w_g.to(tl.float32)
-                w_o = w_o.to(tl.float32)
-            acc_i = tl.dot(a, w_i, acc_i, input_precision=INPUT_PRECISION)
-            acc_f = tl.dot(a, w_f, acc_f, input_precision=INPUT_PRECISION)
-            acc_g = tl.dot(a, w_g, acc_g, input_precision=INPUT_PRECISION)
-            acc_o = tl.dot(a, w_o, acc_o, input_precision=INPUT_PRECISION)
-
+        acc_i, acc_f, acc_g, acc_o = _recurrent_gemm(
+            h_prev_ptr, h_init_ptr, w_hh_ptr, rows, units, rows < n_from_prev,
+            row_ok & (rows >= n_from_prev), unit_ok, H, P, stride_h, stride_w0, stride_w1,
+            BLOCK_N, BLOCK_H, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32, "",
+        )  # fmt: skip
         mask = row_ok[:, None] & unit_ok[None, :]
         g_off = rows[:, None] * stride_g + units[None, :]
-        gi = tl.load(gates_ptr + g_off, mask=mask, other=0.0).to(tl.float32) + acc_i
-        gf = tl.load(gates_ptr + H + g_off, mask=mask, other=0.0).to(tl.float32) + acc_f
-        gg = tl.load(gates_ptr + 2 * H + g_off, mask=mask, other=0.0).to(tl.float32) + acc_g
-        go = tl.load(gates_ptr + 3 * H + g_off, mask=mask, other=0.0).to(tl.float32) + acc_o
-        i = tl.sigmoid(gi)
-        f = tl.sigmoid(gf)
-        z = _tanh(gg)
-        o = tl.sigmoid(go)
-
         c_off = rows[:, None] * stride_c + units[None, :]
         c_prev = tl.load(c_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
-        c_new = f * c_prev + i * z
-        m = o * _tanh(c_new)
-
-        gty = gates_ptr.dtype.element_ty
-        tl.store(gates_ptr + g_off, i.to(gty), mask=mask)
-        tl.store(gates_ptr + H + g_off, f.to(gty), mask=mask)
-        tl.store(gates_ptr + 2 * H + g_off, z.to(gty), mask=mask)
-        tl.store(gates_ptr + 3 * H + g_off, o.to(gty), mask=mask)
+        c_new, m = _cell_update(gates_ptr, g_off, mask, H, acc_i, acc_f, acc_g, acc_o, c_prev)
         tl.store(c_ptr + c_off, c_new.to(c_ptr.dtype.element_ty), mask=mask)
         tl.store(cell_ptr + c_off, c_new.to(cell_ptr.dtype.element_ty), mask=mask)
         tl.store(m_ptr + c_off, m.to(m_ptr.dtype.element_ty), mask=mask)
@@ -179,10 +140,6 @@ if _HAS_TRITON:
         g_off = rows[:, None] * stride_g + units[None, :]
         c_off = rows[:, None] * stride_c + units[None, :]
 
-        i = tl.load(gates_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
-        f = tl.load(gates_ptr + H + g_off, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(gates_ptr + 2 * H + g_off, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(gates_ptr + 3 * H + g_off, mask=mask, other=0.0).to(tl.float32)
         tc = _tanh(tl.load(cell_ptr + c_off, mask=mask, other=0.0).to(tl.float32))
         prev_mask = mask & (rows < n_from_prev)[:, None]
         init_mask = mask & (rows >= n_from_prev)[:, None]
@@ -192,46 +149,11 @@ if _HAS_TRITON:
         if HAS_GRAD_OUT:
             dm += tl.load(grad_out_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
         dc = tl.load(dc_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
-
-        dct = dc + dm * o * (1.0 - tc * tc)
-        d_i = dct * z * i * (1.0 - i)
-        d_f = dct * c_prev * f * (1.0 - f)
-        d_z = dct * i * (1.0 - z * z)
-        d_o = dm * tc * o * (1.0 - o)
-
-        dty = dgates_ptr.dtype.element_ty
-        tl.store(dgates_ptr + g_off, d_i.to(dty), mask=mask)
-        tl.store(dgates_ptr + H + g_off, d_f.to(dty), mask=mask)
-        tl.store(dgates_ptr + 2 * H + g_off, d_z.to(dty), mask=mask)
-        tl.store(dgates_ptr + 3 * H + g_off, d_o.to(dty), mask=mask)
-        tl.store(dc_ptr + c_off, (dct * f).to(dc_ptr.dtype.element_ty), mask=mask)
-
-    # Defined under TRITON_INTERPRET=1 (CPU tensors, numpy semantics)?
-    _INTERPRETED = type(_lstm_forward_step).__name__ == "InterpretedFunction"
+        dc_prev = _gate_gradients(gates_ptr, dgates_ptr, g_off, mask, H, tc, c_prev, dm, dc)
+        tl.store(dc_ptr + c_off, dc_prev.to(dc_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-def _pow2_block(n: int, lo: int, hi: int) -> int:
-    """The power of two covering n, clamped to [lo, hi]."""
-    return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """Exact float32 dots ("ieee") unless the user opted into TF32 for CUDA matmuls.
-
-    Only float32 operands look at it; 16-bit dtypes get Triton's default ("tf32").
-    """
-    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _dot_in_fp32(dtype: torch.dtype) -> bool:
-    """The Triton interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue #11584):
-    there, and only there, bfloat16 operands are upcast to float32 before the dot."""
-    return dtype == torch.bfloat16 and _INTERPRETED
 
 
 def _check(input: torch.Tensor, w_ih: torch.Tensor, batch_sizes: torch.Tensor | None) -> None:
@@ -302,20 +224,6 @@ def _active_mask(rows: list[int], N: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(N)[None, :] < r[:, None]).unsqueeze(-1).to(device)
 
 
-def _final_hidden(
-    output: torch.Tensor, h0: torch.Tensor, rows: list[int], reverse: bool
-) -> torch.Tensor:
-    """h_n: each row's output at the last step it was processed, h0 for rows never active."""
-    T, N, _ = output.shape
-    r = torch.tensor(rows, dtype=torch.int64)
-    n = torch.arange(N)
-    lengths = (r[None, :] > n[:, None]).sum(1)  # [N] steps each row is active
-    last = torch.zeros(N, dtype=torch.int64) if reverse else (lengths - 1).clamp(min=0)
-    dev = output.device
-    gathered = output[last.to(dev), n.to(dev)]
-    return torch.where((lengths > 0).to(dev)[:, None], gathered, h0)
-
-
 # ---- forward -----------------------------------------------------------------------------------
 
 
@@ -372,6 +280,11 @@ def _recurrence(gates, h0, c0, w_hh, w_hr, batch_sizes, reverse):
     dtype, dev = gates.dtype, gates.device
     h0 = h0.contiguous()
     w_hh = w_hh.contiguous()
+    blocks = lstm_persistent.use_persistent(N, H, w_hr, dev)
+    if blocks is not None:
+        return lstm_persistent.forward_recurrence(
+            gates, h0, c0, w_hh, batch_sizes, rows, reverse, blocks
+        )
     alloc = torch.zeros if packed else torch.empty
     output = alloc(T, N, P, dtype=dtype, device=dev)
     cells = alloc(T, N, H, dtype=dtype, device=dev)
@@ -379,30 +292,30 @@ def _recurrence(gates, h0, c0, w_hh, w_hr, batch_sizes, reverse):
     m = torch.empty(N, H, dtype=dtype, device=dev) if w_hr is not None else None
     w_hr_t = w_hr.t() if w_hr is not None else None
 
-    BLOCK_H = _pow2_block(H, 16, 64)
-    BLOCK_K = _pow2_block(P, 16, 32)
-    precision = _input_precision(dtype)
-    dot_in_fp32 = _dot_in_fp32(dtype)
+    BLOCK_H = pow2_block(H, 16, 64)
+    BLOCK_K = pow2_block(P, 16, 32)
+    precision = input_precision(dtype)
+    fp32_dots = dot_in_fp32(dtype)
     for s in range(T):
         t = T - 1 - s if reverse else s
         B = rows[t]
         tp = _prev_step(t, T, reverse)
         h_prev = output[tp] if tp >= 0 else h0
         m_t = m if m is not None else output[t]
-        BLOCK_N = _pow2_block(B, 16, 32)
+        BLOCK_N = pow2_block(B, 16, 32)
         grid = (triton.cdiv(B, BLOCK_N), triton.cdiv(H, BLOCK_H))
         _lstm_forward_step[grid](
             h_prev, h0, w_hh, gates[t], c, cells[t], m_t,
             B, _rows_from_prev(rows, t, tp), H, P,
             h0.stride(0), w_hh.stride(0), w_hh.stride(1), gates.stride(1), H,
             BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
-            INPUT_PRECISION=precision, DOT_IN_FP32=dot_in_fp32,
+            INPUT_PRECISION=precision, DOT_IN_FP32=fp32_dots,
         )  # fmt: skip
         if w_hr_t is not None:
             torch.mm(m[:B], w_hr_t, out=output[t, :B])
 
     if packed:
-        h_n = _final_hidden(output, h0, rows, reverse)
+        h_n = final_hidden(output, h0, rows, reverse)
     else:
         h_n = output[0 if reverse else T - 1].clone()
     return output, h_n, c.to(dtype), cells
@@ -495,6 +408,10 @@ def _recurrence_backward(grad_output, grad_h_n, grad_c_n, c0, w_hh, w_hr, batch_
     w_hh = w_hh.contiguous()
     have_grad_out = grad_output is not None and grad_output.numel() > 0
     grad_out = grad_output.contiguous() if have_grad_out else None
+    blocks = lstm_persistent.use_persistent(N, H, w_hr, dev)
+    if blocks is not None:
+        return lstm_persistent.backward_recurrence(grad_out, grad_h_n, grad_c_n, c0, w_hh,
+                                               batch_sizes, gates, cells, reverse, blocks)
     if grad_h_n is not None and grad_h_n.numel() > 0:
         dh = grad_h_n.to(dtype).contiguous().clone()
     else:
@@ -509,7 +426,7 @@ def _recurrence_backward(grad_output, grad_h_n, grad_c_n, c0, w_hh, w_hr, batch_
     dm = torch.empty(N, H, dtype=dtype, device=dev) if w_hr is not None else None
     dh_all = torch.zeros(T, N, P, dtype=dtype, device=dev) if w_hr is not None else None
 
-    BLOCK_H = _pow2_block(H, 16, 128)
+    BLOCK_H = pow2_block(H, 16, 128)
     for s in range(T):
         t = s if reverse else T - 1 - s
         B = rows[t]
@@ -525,7 +442,7 @@ def _recurrence_backward(grad_output, grad_h_n, grad_c_n, c0, w_hh, w_hr, batch_
             dm_t, fuse_grad_out = dm, False
         else:
             dm_t, fuse_grad_out = dh, have_grad_out  # the kernel adds grad_output[t] itself
-        BLOCK_N = _pow2_block(B, 1, max(1, 4096 // BLOCK_H))
+        BLOCK_N = pow2_block(B, 1, max(1, 4096 // BLOCK_H))
         grid = (triton.cdiv(B, BLOCK_N), triton.cdiv(H, BLOCK_H))
         _lstm_backward_step[grid](
             gates[t], cells[t], cells[tp] if tp >= 0 else c0, c0, dm_t,

@@ -1,7 +1,9 @@
-"""The Triton LSTM layer (pyengine.kernels.lstm) against the C++ op, output by output.
+"""The Triton LSTM layer (pyengine.kernels.lstm) against the C++ op, output by output, with each
+time loop: a launch a step, and the persistent kernels (pyengine.kernels.lstm_persistent).
 
 Without a GPU the kernels run on CPU tensors through the Triton interpreter, so sizes are tiny
-and odd (masks on every dimension); one case spans several blocks of rows, units and K.
+and odd (masks on every dimension); some cases span several blocks of rows, units and K (on a
+GPU, several persistent programs that meet at the grid barrier).
 """
 
 import os
@@ -12,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from pyengine import backends  # noqa: E402
 from pyengine.kernels import lstm as triton_lstm  # noqa: E402  (also registers the C++ ops)
 
 assert triton_lstm.is_available(), "triton is a dependency of pyengine"
@@ -23,6 +26,13 @@ BACKWARD_NAMES = ("grad_input", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", 
                   "grad_w_hr")  # fmt: skip
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+@pytest.fixture(autouse=True, params=["step", "persistent"])
+def recurrence(request):
+    """Every test runs with both time loops (projection layers always take the step one)."""
+    with backends.cuda.flags(lstm_recurrence=request.param):
+        yield request.param
 
 
 def make_args(T, N, I, H, P=0, bias=(True, True), batch_sizes=None, seed=0):
@@ -184,3 +194,11 @@ def test_embedding_layer_matches_cpp(reverse, grad_state):
                      ("grad_table", "grad_h0", "grad_c0", "grad_w_hh"), **TOL)
     with pytest.raises(ValueError, match="tokens must be in"):
         triton_lstm.embedding_lstm_layer_forward(dev[0] + V, *dev[1:], reverse)
+
+
+@pytest.mark.parametrize("batch_sizes", [None, [70, 70, 41, 41, 3]], ids=["dense", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_several_blocks_without_projection(reverse, batch_sizes):
+    # 70 rows: two row blocks (each with its own barrier counter); 70 units, K = 70 > BLOCK_K.
+    check_layer(5, 70, 5, 70, 0, (True, True), batch_sizes, reverse, seed=4)
+

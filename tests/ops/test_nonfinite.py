@@ -25,8 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pyengine import backends, ops, testing
 from pyengine import nn as pnn
-from pyengine import ops, testing
 from pyengine.ops import clip as clip_ops
 from pyengine.ops import reference
 from pyengine.ops.int8_lstm import Int8Weight
@@ -769,9 +769,12 @@ def _cpu(values) -> list:
 
 
 @triton_only
+@pytest.mark.parametrize("recurrence", ["step", "persistent"])
 @pytest.mark.parametrize("P", [0, 2], ids=["no_projection", "projection"])
-def test_triton_lstm_layer(P):
+def test_triton_lstm_layer(P, recurrence, monkeypatch):
     from pyengine.kernels import lstm as triton_lstm
+
+    monkeypatch.setattr(backends.cuda, "lstm_recurrence", recurrence)
 
     tensors = lstm_tensors(2, 2, 3, 3, P=P)
     names = list(tensors)
@@ -805,8 +808,11 @@ def test_triton_lstm_layer(P):
 
 
 @triton_only
-def test_triton_embedding_lstm_layer():
+@pytest.mark.parametrize("recurrence", ["step", "persistent"])
+def test_triton_embedding_lstm_layer(recurrence, monkeypatch):
     from pyengine.kernels import lstm as triton_lstm
+
+    monkeypatch.setattr(backends.cuda, "lstm_recurrence", recurrence)
 
     H = 3
     tokens = torch.tensor([[0, 1], [2, 1]])

@@ -39,16 +39,17 @@ pytestmark = pytest.mark.skipif(
 
 def project_kernels() -> set[tuple[str, str]]:
     """(module, name) of every kernel in pyengine.kernels: the @triton.jit functions that no other
-    one calls (those are helpers, compiled inside the kernels that call them)."""
-    found = set()
+    one, in any of its modules, calls (those are helpers, compiled inside the kernels that call
+    them)."""
+    jitted = {}
     for info in pkgutil.iter_modules(pyengine.kernels.__path__):
         module = importlib.import_module(f"pyengine.kernels.{info.name}")
-        jitted = {name: inspect.getsource(value.fn) for name, value in vars(module).items()
-                  if type(value).__name__ in ("JITFunction", "InterpretedFunction")}
-        for name in jitted:
-            if not any(f"{name}(" in source for other, source in jitted.items() if other != name):
-                found.add((module.__name__, name))
-    return found
+        for name, value in vars(module).items():
+            if type(value).__name__ in ("JITFunction", "InterpretedFunction") and \
+                    value.fn.__module__ == module.__name__:  # defined here, not imported
+                jitted[(module.__name__, name)] = inspect.getsource(value.fn)
+    return {key for key in jitted
+            if not any(f"{key[1]}(" in source for other, source in jitted.items() if other != key)}
 
 
 def recorded_in_subprocess() -> list[dict]:
