@@ -4,6 +4,7 @@
 // Kept free of <torch/extension.h> so it compiles in seconds.
 #include <Python.h>
 
+#include "cpu/gemm.h"
 #include "cpu/settings.h"
 
 namespace {
@@ -64,6 +65,32 @@ PyObject* set_recent_blocks(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* gemm_library(PyObject*, PyObject*) {
+  return PyUnicode_FromString(pyengine::cpu::gemm_library_name(pyengine::cpu::gemm_library()));
+}
+
+PyObject* set_gemm_library(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  pyengine::cpu::GemmLibrary library;
+  if (!pyengine::cpu::parse_gemm_library(name, &library)) {
+    PyErr_Format(PyExc_ValueError, "gemm must be 'auto', 'aten' or 'onednn', got '%s'", name);
+    return nullptr;
+  }
+  pyengine::cpu::set_gemm_library(library);
+  Py_RETURN_NONE;
+}
+
+PyObject* gemm_runs_on(PyObject*, PyObject*) {
+  const bool onednn =
+      pyengine::cpu::gemm_uses_onednn() && pyengine::cpu::onednn_gemm_available();
+  return PyUnicode_FromString(onednn ? "onednn" : "aten");
+}
+
+PyObject* onednn_gemm_available(PyObject*, PyObject*) {
+  return PyBool_FromLong(pyengine::cpu::onednn_gemm_available());
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS, "The instruction set of the CPU kernels."},
     {"best_cpu_capability", best_cpu_capability, METH_NOARGS,
@@ -73,6 +100,11 @@ PyMethodDef methods[] = {
     {"set_lstm_path", set_lstm_path, METH_O, "Force the LSTM path: auto, fused or gemm."},
     {"recent_blocks", recent_blocks, METH_NOARGS, "Whether the recent-blocks allocator is on."},
     {"set_recent_blocks", set_recent_blocks, METH_O, "Switch the recent-blocks allocator."},
+    {"gemm_library", gemm_library, METH_NOARGS, "The GEMM library setting."},
+    {"set_gemm_library", set_gemm_library, METH_O, "Set the GEMM library: auto, aten or onednn."},
+    {"gemm_runs_on", gemm_runs_on, METH_NOARGS, "The library the float GEMMs run on now."},
+    {"onednn_gemm_available", onednn_gemm_available, METH_NOARGS,
+     "Whether oneDNN float32 GEMMs work with this torch."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef pyengine_module = {PyModuleDef_HEAD_INIT, "_C",

@@ -13,6 +13,13 @@
 - ``recent_blocks``: whether the CPU kernels take their outputs from an allocator that hands
   back the block freed last (still in cache) rather than ATen's (initially true unless
   ``PYENGINE_RECENT_BLOCKS=0``; switch it off for memory checkers).
+- ``gemm``: the library of the CPU kernels' float32 GEMMs (LSTM, losses, distillation),
+  ``"auto"``, ``"aten"`` (ATen's mm, MKL in torch's x86 wheels) or ``"onednn"`` (oneDNN's
+  matmul, also in torch). MKL takes slower code paths on AMD processors (oneDNN measured
+  2.0-2.4x faster on an AMD EPYC), so ``"auto"`` is oneDNN on non-Intel x86 processors and
+  ATen on Intel ones. Initially ``PYENGINE_CPU_GEMM``, or ``"auto"``. ``gemm_runs_on`` (read
+  only) says which one the GEMMs use now: ``"aten"`` also where this torch's oneDNN wrapper
+  takes no float32 (``onednn_available``).
 
 ``pyengine.backends.cuda``:
 
@@ -40,6 +47,7 @@ from pyengine import (
 
 CAPABILITIES = ("default", "avx2", "avx512")
 LSTM_PATHS = ("auto", "fused", "gemm")
+GEMM_LIBRARIES = ("auto", "aten", "onednn")
 
 
 class _CpuBackend:
@@ -82,11 +90,33 @@ class _CpuBackend:
     def recent_blocks(self, enabled: bool) -> None:
         _C.set_recent_blocks(bool(enabled))
 
+    @property
+    def gemm(self) -> str:
+        return _C.gemm_library()
+
+    @gemm.setter
+    def gemm(self, name: str) -> None:
+        if name not in GEMM_LIBRARIES:
+            raise ValueError(f"gemm must be one of {GEMM_LIBRARIES}, got {name!r}")
+        if name == "onednn" and not self.onednn_available:
+            raise ValueError("gemm='onednn': this torch's oneDNN matmul takes no float32 GEMMs "
+                             "on this CPU; use 'aten' or 'auto'")
+        _C.set_gemm_library(name)
+
+    @property
+    def gemm_runs_on(self) -> str:
+        """The library the float32 GEMMs run on now: "onednn" or "aten"."""
+        return _C.gemm_runs_on()
+
+    @property
+    def onednn_available(self) -> bool:
+        return _C.onednn_gemm_available()
+
     @contextlib.contextmanager
     def flags(self, capability: str | None = None, lstm_path: str | None = None,
-              recent_blocks: bool | None = None) -> Iterator[None]:
+              recent_blocks: bool | None = None, gemm: str | None = None) -> Iterator[None]:
         """Set the given settings for the body of a with-block, then restore them."""
-        saved = (self.capability, self.lstm_path, self.recent_blocks)
+        saved = (self.capability, self.lstm_path, self.recent_blocks, self.gemm)
         try:
             if capability is not None:
                 self.capability = capability
@@ -94,16 +124,20 @@ class _CpuBackend:
                 self.lstm_path = lstm_path
             if recent_blocks is not None:
                 self.recent_blocks = recent_blocks
+            if gemm is not None:
+                self.gemm = gemm
             yield
         finally:
             _C.set_cpu_capability(saved[0])
             _C.set_lstm_path(saved[1])
             _C.set_recent_blocks(saved[2])
+            _C.set_gemm_library(saved[3])
 
     def __repr__(self) -> str:
         return (f"pyengine.backends.cpu(capability={self.capability!r}, "
                 f"best_capability={self.best_capability!r}, lstm_path={self.lstm_path!r}, "
-                f"recent_blocks={self.recent_blocks!r})")
+                f"recent_blocks={self.recent_blocks!r}, gemm={self.gemm!r}, "
+                f"gemm_runs_on={self.gemm_runs_on!r})")
 
 
 cpu = _CpuBackend()

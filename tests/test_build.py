@@ -70,9 +70,18 @@ def test_capabilities_and_settings():
         cpu.capability = "sse9"
     with pytest.raises(ValueError, match="lstm_path must be one of"):
         cpu.lstm_path = "fast"
-    with cpu.flags(lstm_path="gemm", recent_blocks=False):
-        assert (cpu.lstm_path, cpu.recent_blocks) == ("gemm", False)
-    assert cpu.lstm_path == "auto" and cpu.recent_blocks
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        cpu.gemm = "blis"
+    with cpu.flags(lstm_path="gemm", recent_blocks=False, gemm="aten"):
+        assert (cpu.lstm_path, cpu.recent_blocks, cpu.gemm) == ("gemm", False, "aten")
+        assert cpu.gemm_runs_on == "aten"
+    assert cpu.lstm_path == "auto" and cpu.recent_blocks and cpu.gemm == "auto"
+    if cpu.onednn_available:
+        with cpu.flags(gemm="onednn"):
+            assert cpu.gemm_runs_on == "onednn"
+    else:
+        with pytest.raises(ValueError, match="takes no float32"):
+            cpu.gemm = "onednn"
     if cpu.best_capability != "avx512":
         with pytest.raises(ValueError, match="does not support"):
             cpu.capability = "avx512"
@@ -83,12 +92,12 @@ def test_environment_sets_the_initial_values():
     import sys
 
     code = ("import pyengine; c = pyengine.backends.cpu; "
-            "print(c.capability, c.lstm_path, c.recent_blocks)")
+            "print(c.capability, c.lstm_path, c.recent_blocks, c.gemm, c.gemm_runs_on)")
     env = dict(os.environ, PYENGINE_CPU_CAPABILITY="default", PYENGINE_LSTM_PATH="gemm",
-               PYENGINE_RECENT_BLOCKS="0")
+               PYENGINE_RECENT_BLOCKS="0", PYENGINE_CPU_GEMM="aten")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out == ["default", "gemm", "False"]
+    assert out == ["default", "gemm", "False", "aten", "aten"]
 
 
 QEMU_SCRIPT = """

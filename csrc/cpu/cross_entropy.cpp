@@ -32,6 +32,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cpu/recent_blocks.h"
 
@@ -423,9 +424,9 @@ void linear_pass(const Tensor& h, const Tensor& W, const std::optional<Tensor>& 
     Tensor hc = h.narrow(0, start, rows_here);
     Tensor lc = buf.narrow(0, 0, rows_here);
     if (has_bias) {
-      at::addmm_out(lc, *bias, hc, Wt);
+      gemm_bias_into(lc, *bias, hc, Wt);
     } else {
-      at::mm_out(lc, hc, Wt);
+      gemm_into(lc, hc, Wt);
     }
     scalar_t* lp = lc.data_ptr<scalar_t>();
     at::parallel_for(0, rows_here, row_grain(V), [&](int64_t begin, int64_t end) {
@@ -442,8 +443,8 @@ void linear_pass(const Tensor& h, const Tensor& W, const std::optional<Tensor>& 
     });
     if (want_grad) {
       Tensor gh = grad_h->narrow(0, start, rows_here);
-      at::mm_out(gh, lc, W);
-      grad_W->addmm_(lc.t(), hc);
+      gemm_into(gh, lc, W);
+      gemm_accumulate(*grad_W, lc.t(), hc);
       if (has_bias) grad_b->add_(lc.sum(0));
     }
   }

@@ -37,6 +37,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/portable_math.h"
 
 namespace pyengine {
@@ -412,8 +413,8 @@ void run_chunks(const Inputs& in, const Options& o, int64_t chunk, bool forward,
     const int64_t rows = std::min(chunk, N - start);
     const Tensor hs = in.sh.narrow(0, start, rows), ht = in.th.narrow(0, start, rows);
     Tensor sc = s_buf.narrow(0, 0, rows), tc = t_buf.narrow(0, 0, rows);
-    if (present(in.sb)) at::addmm_out(sc, *in.sb, hs, swt); else at::mm_out(sc, hs, swt);
-    if (present(in.tb)) at::addmm_out(tc, *in.tb, ht, twt); else at::mm_out(tc, ht, twt);
+    if (present(in.sb)) gemm_bias_into(sc, *in.sb, hs, swt); else gemm_into(sc, hs, swt);
+    if (present(in.tb)) gemm_bias_into(tc, *in.tb, ht, twt); else gemm_into(tc, ht, twt);
     T* s = sc.data_ptr<T>();
     const T* t = tc.data_ptr<T>();
     at::parallel_for(0, rows, row_grain(V), [&](int64_t begin, int64_t end) {
@@ -431,8 +432,8 @@ void run_chunks(const Inputs& in, const Options& o, int64_t chunk, bool forward,
     });
     if (want_grad) {
       Tensor gh = grads->hidden.narrow(0, start, rows);
-      at::mm_out(gh, sc, in.sw);
-      grads->weight.addmm_(sc.t(), hs);
+      gemm_into(gh, sc, in.sw);
+      gemm_accumulate(grads->weight, sc.t(), hs);
       if (grads->bias.defined() && grads->bias.numel() > 0) grads->bias.add_(sc.sum(0));
     }
   }

@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cpu/lstm_rows.h"
 #include "cpu/recent_blocks.h"
@@ -225,7 +226,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
       const int64_t t = reverse ? d.T - 1 - s : s;
       const int64_t B = rows[t];
       Tensor g_t = gates[t].narrow(0, 0, B);
-      g_t.addmm_(h.narrow(0, 0, B), w_hh_t);
+      gemm_accumulate(g_t, h.narrow(0, 0, B), w_hh_t);
       Tensor out_t = output[t].narrow(0, 0, B);
       // Without projection the hidden state is o*tanh(c) itself: write it straight to output.
       Tensor m_t = w_hr_.has_value() ? m.narrow(0, 0, B) : out_t;
@@ -237,7 +238,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
         for (int64_t n = begin; n < end; ++n)
           cell_forward(g + n * 4 * H, cp + n * H, cell + n * H, mp + n * H, H, H);
       });
-      if (w_hr_.has_value()) at::mm_out(out_t, m_t, w_hr_t);
+      if (w_hr_.has_value()) gemm_into(out_t, m_t, w_hr_t);
       h.narrow(0, 0, B).copy_(out_t);
     }
   });
@@ -269,9 +270,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
   Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
   Tensor x2d = input.view({d.T * d.N, d.I});
   if (bias.defined() && !fused) {
-    at::addmm_out(gates2d, bias, x2d, w_ih.t());
+    gemm_bias_into(gates2d, bias, x2d, w_ih.t());
   } else {
-    at::mm_out(gates2d, x2d, w_ih.t());
+    gemm_into(gates2d, x2d, w_ih.t());
   }
   auto [output, h, c, cells] = recurrence_forward(gates, fused ? bias : Tensor(), h0, c0, w_hh, w_hr,
                                                   rows, d, batch_sizes.has_value(), fused, reverse);
@@ -386,7 +387,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
       if (w_hr.has_value()) {
         dh_all[t].narrow(0, 0, B).copy_(dh_t);
         dm_t = dm.narrow(0, 0, B);
-        at::mm_out(dm_t, dh_t, *w_hr);
+        gemm_into(dm_t, dh_t, *w_hr);
       }
       const scalar_t* act = gates[t].data_ptr<scalar_t>();
       const scalar_t* cell = cells[t].data_ptr<scalar_t>();
@@ -401,7 +402,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
                         prev_row(cells_p, c0_p, rows.data(), t, n, d.T, d.N, H, reverse),
                         dmp + n * H, dcp + n * H, dg + n * 4 * H, H, H);
       });
-      at::mm_out(dh_t, dgates[t].narrow(0, 0, B), w_hh);
+      gemm_into(dh_t, dgates[t].narrow(0, 0, B), w_hh);
     }
   });
   return {dgates, dh, dc, Tensor(), dh_all};
@@ -425,7 +426,7 @@ Tensor recurrent_weight_grad(const Tensor& dgates, const Tensor& output, const T
   Tensor dg2d = dgates.view({d.T * d.N, 4 * d.H});
   if (packed) {
     Tensor h_prev = previous_states(output, h0.contiguous(), rows, reverse);
-    return at::mm(dg2d.t(), h_prev.view({d.T * d.N, d.P}));
+    return gemm_new(dg2d.t(), h_prev.view({d.T * d.N, d.P}));
   }
   // Every row is active at every step: h_prev is the output shifted by one step, with h0 at
   // the first step processed. Two GEMMs on views, no copy.
@@ -434,16 +435,16 @@ Tensor recurrent_weight_grad(const Tensor& dgates, const Tensor& output, const T
   const int64_t first = reverse ? d.T - 1 : 0;
   Tensor grad_w_hh = recent_empty({4 * d.H, d.P}, dgates.scalar_type());
   const bool h0_zero = is_all_zero(h0);
-  if (d.T == 1 || !h0_zero) at::mm_out(grad_w_hh, dgates[first].t(), h0);
+  if (d.T == 1 || !h0_zero) gemm_into(grad_w_hh, dgates[first].t(), h0);
   if (d.T > 1) {
     Tensor out2d = output.view({d.T * d.N, d.P});
     const int64_t M = (d.T - 1) * d.N;
     Tensor dg_rest = reverse ? dg2d.narrow(0, 0, M) : dg2d.narrow(0, d.N, M);
     Tensor h_rest = reverse ? out2d.narrow(0, d.N, M) : out2d.narrow(0, 0, M);
     if (h0_zero) {
-      at::mm_out(grad_w_hh, dg_rest.t(), h_rest);
+      gemm_into(grad_w_hh, dg_rest.t(), h_rest);
     } else {
-      grad_w_hh.addmm_(dg_rest.t(), h_rest);
+      gemm_accumulate(grad_w_hh, dg_rest.t(), h_rest);
     }
   }
   return grad_w_hh;
@@ -489,10 +490,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   if (compute_input_grad) {
     grad_input = recent_empty({d.T, d.N, d.I}, opts.dtype().toScalarType());
     Tensor grad_input2d = grad_input.view({d.T * d.N, d.I});
-    at::mm_out(grad_input2d, dg2d, w_ih);
+    gemm_into(grad_input2d, dg2d, w_ih);
   }
   Tensor grad_w_ih = recent_empty({4 * d.H, d.I}, opts.dtype().toScalarType());
-  at::mm_out(grad_w_ih, dg2d.t(), input.view({d.T * d.N, d.I}));
+  gemm_into(grad_w_ih, dg2d.t(), input.view({d.T * d.N, d.I}));
   Tensor grad_w_hh = recurrent_weight_grad(dgates, output, h0, rows, d, packed, reverse);
   Tensor grad_bias = !has_bias                  ? at::empty({0}, opts)
                      : fused_grad_bias.defined() ? fused_grad_bias
@@ -505,7 +506,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
       for (int64_t t = 0; t < d.T; ++t)
         if (rows[t] < d.N) m_all[t].narrow(0, rows[t], d.N - rows[t]).zero_();
     }
-    grad_w_hr = at::mm(dh_all.view({d.T * d.N, d.P}).t(), m_all.reshape({d.T * d.N, d.H}));
+    grad_w_hr = gemm_new(dh_all.view({d.T * d.N, d.P}).t(), m_all.reshape({d.T * d.N, d.H}));
   }
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }

@@ -69,6 +69,33 @@ std::atomic<bool>& recent_blocks_setting() {
   return enabled;
 }
 
+std::atomic<int>& gemm_library_setting() {
+  static std::atomic<int> library{[] {
+    GemmLibrary l = GemmLibrary::kAuto;
+    const char* setting = env("PYENGINE_CPU_GEMM");
+    if (setting != nullptr) parse_gemm_library(setting, &l);
+    return static_cast<int>(l);
+  }()};
+  return library;
+}
+
+bool intel_processor() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
+bool x86_processor() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 const char* isa_name(Isa isa) {
@@ -129,6 +156,43 @@ void set_lstm_path(LstmPath path) { lstm_path_setting().store(static_cast<int>(p
 bool recent_blocks() { return recent_blocks_setting().load(std::memory_order_relaxed); }
 
 void set_recent_blocks(bool enabled) { recent_blocks_setting().store(enabled); }
+
+const char* gemm_library_name(GemmLibrary library) {
+  switch (library) {
+    case GemmLibrary::kAten: return "aten";
+    case GemmLibrary::kOnednn: return "onednn";
+    default: return "auto";
+  }
+}
+
+bool parse_gemm_library(const char* name, GemmLibrary* library) {
+  for (GemmLibrary candidate : {GemmLibrary::kAuto, GemmLibrary::kAten, GemmLibrary::kOnednn}) {
+    if (std::strcmp(name, gemm_library_name(candidate)) == 0) {
+      *library = candidate;
+      return true;
+    }
+  }
+  return false;
+}
+
+GemmLibrary gemm_library() {
+  return static_cast<GemmLibrary>(gemm_library_setting().load(std::memory_order_relaxed));
+}
+
+void set_gemm_library(GemmLibrary library) {
+  gemm_library_setting().store(static_cast<int>(library));
+}
+
+bool gemm_uses_onednn() {
+  switch (gemm_library()) {
+    case GemmLibrary::kOnednn: return true;
+    case GemmLibrary::kAten: return false;
+    default: {
+      static const bool other_x86_vendor = x86_processor() && !intel_processor();
+      return other_x86_vendor;
+    }
+  }
+}
 
 }  // namespace cpu
 }  // namespace pyengine

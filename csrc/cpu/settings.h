@@ -3,6 +3,7 @@
 //   PYENGINE_CPU_CAPABILITY=default|avx2|avx512   cap on the instruction set of the kernels
 //   PYENGINE_LSTM_PATH=auto|fused|gemm            the float LSTM's recurrence path
 //   PYENGINE_RECENT_BLOCKS=0|1                    the kernels' output allocator (recent_blocks.h)
+//   PYENGINE_CPU_GEMM=auto|aten|onednn            the library of the float GEMMs (gemm.h)
 #pragma once
 
 #include "cpu/kernels.h"
@@ -29,6 +30,16 @@ bool parse_lstm_path(const char* name, LstmPath* path);
 // Whether the kernels take their outputs from the recent-blocks allocator (else from ATen's).
 bool recent_blocks();
 void set_recent_blocks(bool enabled);
+
+// The library of the kernels' float GEMMs (csrc/cpu/gemm.h): auto = oneDNN on non-Intel x86
+// processors, ATen (MKL) elsewhere.
+enum class GemmLibrary : int { kAuto = 0, kAten = 1, kOnednn = 2 };
+GemmLibrary gemm_library();
+void set_gemm_library(GemmLibrary library);
+const char* gemm_library_name(GemmLibrary library);
+bool parse_gemm_library(const char* name, GemmLibrary* library);
+// Whether the setting sends GEMMs to oneDNN (auto resolved by the processor's vendor).
+bool gemm_uses_onednn();
 
 }  // namespace cpu
 }  // namespace pyengine
