@@ -2,18 +2,17 @@
 
     python bench/tune_lstm_path.py
 
-Times one layer's forward + backward (input 256, T=32, float32) with PYENGINE_LSTM_PATH forced to
-each path, over a grid of batch x hidden, in one process run. The automatic choice in
-csrc/cpu/lstm.cpp (kFusedMaxBatchTimesHidden) is set from this table.
+Times one layer's forward + backward (input 256, T=32, float32) with pyengine.backends.cpu.lstm_path
+forced to each path, over a grid of batch x hidden, in one process run, on the GEMM library that
+runs here (pyengine.backends.cpu.gemm_runs_on). The automatic choice in csrc/cpu/lstm.cpp
+(kFusedMaxWeightBytes, kFusedMaxBatchTimesHidden) is set from this table.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-import pyengine  # noqa: F401  (registers the ops)
+import pyengine
 
 from harness import markdown_table, measure
 
@@ -23,7 +22,7 @@ BACKWARD = torch.ops.pyengine.lstm_layer_backward.default
 
 def layer_step(path: str, x, h0, c0, w_ih, w_hh, b, grad):
     def fn():
-        os.environ["PYENGINE_LSTM_PATH"] = path
+        pyengine.backends.cpu.lstm_path = path  # the environment is read once, at load
         out = FORWARD(x, h0, c0, w_ih, w_hh, b, b, None, None, False)
         empty = x.new_empty(0)
         BACKWARD(grad, empty, empty, x, h0, c0, w_ih, w_hh, None, None, out[0], out[3], out[4],
@@ -48,7 +47,8 @@ def main() -> None:
             rows.append({"hidden": hidden, "batch": batch, "batch*hidden": batch * hidden,
                          "fused ms": f"{fused * 1e3:.3f}", "gemm ms": f"{gemm * 1e3:.3f}",
                          "gemm/fused": f"{gemm / fused:.2f}"})
-    os.environ.pop("PYENGINE_LSTM_PATH", None)
+    pyengine.backends.cpu.lstm_path = "auto"
+    print(f"GEMM library: {pyengine.backends.cpu.gemm_runs_on}")
     print(markdown_table(rows, list(rows[0].keys())))
 
 

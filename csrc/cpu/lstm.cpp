@@ -38,15 +38,20 @@ using at::Tensor;
 // ---- pointwise kernels over one row (one sequence of the batch) -------------------------------
 
 // Rows per parallel chunk: enough work per thread to pay for the fork.
-// Where the fused path wins over per-step library GEMMs (bench/tune_lstm_path.py on a 2-core
-// AVX-512 machine): whenever w_hh fits in about 1 MiB (H <= 256, every batch tried up to 64), and
-// for larger H only while the batch is tiny; beyond that MKL's blocking of the big recurrent GEMM
-// beats our register tiles streaming a weight that no longer fits in cache.
+// Where the fused path wins over per-step library GEMMs (bench/tune_lstm_path.py on 2-core
+// AVX-512 machines): on an Intel Xeon (MKL GEMMs) whenever w_hh fits in about 1 MiB (H <= 256,
+// every batch tried up to 64), and for larger H only while the batch is tiny; beyond that MKL's
+// blocking of the big recurrent GEMM beats our register tiles streaming a weight that no longer
+// fits in cache. On an AMD EPYC (oneDNN GEMMs, csrc/cpu/gemm.h) the fused path won at every
+// size tried up to batch x hidden = 32768 (H=512: 1.39x at N=32, 1.20x at N=64; H=1024: 1.44x at
+// N=32), and beyond that the two traded places within the noise (H=512 N=128: 0.88x; H=1024
+// N=128: 1.13x); other non-Intel x86 processors take the AMD limit.
 // Both paths re-lay w_hh once per call, which only pays off over several steps: a short call
 // (generation feeds one token at a time) takes the GEMM path on the plain view (measured at T=1:
 // equal at H=64, 1.5x faster at H=128, 3x at H=256, 4.6x at H=512).
 constexpr int64_t kFusedMaxWeightBytes = int64_t(1) << 20;
 constexpr int64_t kFusedMaxBatchTimesHidden = 2048;
+constexpr int64_t kFusedMaxBatchTimesHiddenNonIntel = 32768;
 constexpr int64_t kMinStepsToRelayout = 8;
 
 inline int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)); }
@@ -157,7 +162,9 @@ bool use_fused_path(const Tensor& input, bool has_proj, int64_t T, int64_t N, in
     default: break;
   }
   if (T < kMinStepsToRelayout) return false;
-  return 16 * H * H <= kFusedMaxWeightBytes || N * H <= kFusedMaxBatchTimesHidden;
+  const int64_t max_batch_hidden =
+      intel_processor() ? kFusedMaxBatchTimesHidden : kFusedMaxBatchTimesHiddenNonIntel;
+  return 16 * H * H <= kFusedMaxWeightBytes || N * H <= max_batch_hidden;
 }
 
 // The pointwise cell over `count` units of one row, through the kernel table (float32) or its

@@ -79,15 +79,6 @@ std::atomic<int>& gemm_library_setting() {
   return library;
 }
 
-bool intel_processor() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  return __builtin_cpu_is("intel");
-#else
-  return false;
-#endif
-}
-
 bool x86_processor() {
 #if defined(__x86_64__) || defined(_M_X64)
   return true;
@@ -181,6 +172,18 @@ GemmLibrary gemm_library() {
 
 void set_gemm_library(GemmLibrary library) {
   gemm_library_setting().store(static_cast<int>(library));
+}
+
+bool intel_processor() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
 }
 
 bool gemm_uses_onednn() {

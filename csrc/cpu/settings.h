@@ -41,5 +41,9 @@ bool parse_gemm_library(const char* name, GemmLibrary* library);
 // Whether the setting sends GEMMs to oneDNN (auto resolved by the processor's vendor).
 bool gemm_uses_onednn();
 
+// Whether this is an Intel processor: where MKL is fast and the kernels' size thresholds were
+// first tuned (others, e.g. AMD, have their own where measured).
+bool intel_processor();
+
 }  // namespace cpu
 }  // namespace pyengine
