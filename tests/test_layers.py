@@ -59,3 +59,17 @@ def test_no_package_file_is_over_600_lines():
     long = [f"{p.relative_to(PACKAGE)}: {n}" for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600]
     assert not long, long
+
+
+def test_cpu_kernels_multiply_matrices_through_the_gemm_door():
+    """csrc/cpu/gemm.h picks the GEMM library (oneDNN where MKL is slow); a kernel calling ATen's
+    GEMMs itself would silently skip that choice."""
+    import re
+
+    csrc = PACKAGE.parent / "csrc" / "cpu"
+    direct = re.compile(r"\bat::(mm|mm_out|addmm|addmm_out|matmul|linear|bmm)\(|\.(addmm_|mm)\(")
+    offenders = [f"{path.name}:{number}: {line.strip()}"
+                 for path in sorted(csrc.glob("*.cpp")) if path.name != "gemm.cpp"
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if direct.search(line.split("//")[0])]
+    assert not offenders, offenders
