@@ -41,16 +41,7 @@ BLOCK = 5
 
 def lstm_step_large(quick: bool):
     """bench_lstm.py's large shape: 2 layers, input 256, H=512, N=32, T=64, forward + backward."""
-    hidden, batch, seq, inputs = (32, 4, 8, 16) if quick else (512, 32, 64, 256)
-    torch.manual_seed(0)
-    lstm = pyengine.nn.LSTM(inputs, hidden, 2)
-    x = torch.randn(seq, batch, inputs, requires_grad=True)
-    grad = torch.randn(seq, batch, hidden)
-
-    def step():
-        lstm(x)[0].backward(grad)
-
-    return f"LSTM train step (H={hidden}, N={batch}, T={seq})", step
+    return bench_recent_blocks.lstm_step(quick, shape=(512, 32, 64))
 
 
 def loss_step(quick: bool):

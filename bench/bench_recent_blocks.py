@@ -41,9 +41,10 @@ BASELINE = "ATen allocator"
 BLOCK = 5
 
 
-def lstm_step(quick: bool):
-    """The 2-layer LSTM training step of bench_lstm.py's small shape (forward + backward)."""
-    hidden, batch, seq, inputs = (32, 4, 8, 16) if quick else (128, 8, 32, 256)
+def lstm_step(quick: bool, shape: tuple[int, int, int] = (128, 8, 32)):
+    """The 2-layer LSTM training step (forward + backward) of bench_lstm.py at `shape`
+    (hidden, batch, steps; input 256): its small shape unless told."""
+    hidden, batch, seq, inputs = (32, 4, 8, 16) if quick else (*shape, 256)
     torch.manual_seed(0)
     lstm = pyengine.nn.LSTM(inputs, hidden, 2)
     x = torch.randn(seq, batch, inputs, requires_grad=True)
